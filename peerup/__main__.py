@@ -1,0 +1,3 @@
+from peerup.cli import entry
+
+entry()

@@ -1,0 +1,420 @@
+"""The ``peerup`` command: parse flags, resolve settings, load plugins, call the runtime.
+
+Kept thin (httpie's shape): :func:`main` maps errors to exit codes and one-line
+messages; the commands below only translate flags into settings and runtime
+calls. Only flags the user actually gave are passed to the settings, so an absent
+flag never hides the config file or the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+from pydantic import ValidationError
+
+from peerup import __version__
+from peerup.core.errors import ConfigError, PeerupError
+from peerup.core.plugins import PluginHost, describe_plugins, load_plugins
+from peerup.core.runtime import Runtime, short, stop_on_signals
+from peerup.core.settings import ProxySettings, ServiceSettings, Settings, load_settings, parse_service_flag
+
+log = logging.getLogger("peerup")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"peerup: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _common(parser: argparse.ArgumentParser, node: bool = True) -> None:
+    group = parser.add_argument_group("node options")
+    if node:
+        group.add_argument(
+            "--relay",
+            action="append",
+            dest="relays",
+            metavar="MULTIADDR",
+            help="relay address .../tcp/PORT/p2p/ID (repeatable; replaces `relays` from the config)",
+        )
+        group.add_argument(
+            "--listen",
+            action="append",
+            metavar="MULTIADDR",
+            help="address to listen on (repeatable; default /ip4/0.0.0.0/tcp/0)",
+        )
+    group.add_argument(
+        "--plugin",
+        action="append",
+        dest="plugins",
+        metavar="NAME",
+        help="activate an installed plugin by entry-point name (repeatable)",
+    )
+    group.add_argument(
+        "--disable-plugin",
+        action="append",
+        dest="disable_plugins",
+        metavar="NAME",
+        help="turn off a built-in plugin (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="peerup",
+        description="Reach TCP services behind NAT, peer to peer, over libp2p.",
+        epilog="Settings: defaults < HOME/config.toml < PEERUP_* environment < flags. "
+        "`peerup config show` prints what is in effect.",
+    )
+    parser.add_argument("--version", action="version", version=f"peerup {__version__}")
+    parser.add_argument(
+        "--home", type=Path, help="peerup home with config.toml and the key (default $PEERUP_HOME or ~/.config/peerup)"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging (-v info, -vv debug); also shows tracebacks on errors",
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    sub.add_parser("init", help="create this node's identity key in the peerup home")
+    sub.add_parser("whoami", help="print this node's peer ID")
+
+    relay = sub.add_parser("relay", help="run a relay (and DHT bootstrap node)")
+    relay_sub = relay.add_subparsers(dest="relay_command", metavar="COMMAND", parser_class=_Parser)
+    relay_serve = relay_sub.add_parser("serve", help="run a circuit relay v2 + private DHT bootstrap node")
+    relay_serve.add_argument(
+        "--listen",
+        action="append",
+        dest="relay_listen",
+        metavar="MULTIADDR",
+        help="listen address (repeatable; default /ip4/0.0.0.0/tcp/7777)",
+    )
+    _common(relay_serve, node=False)
+
+    serve = sub.add_parser("serve", help="expose local services to authorized peers")
+    serve.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="expose a local TCP service (repeatable; adds to [services] in the config)",
+    )
+    _common(serve)
+
+    proxy = sub.add_parser("proxy", help="forward a local port to a peer's service")
+    proxy.add_argument("peer", help="peer ID or a name from [peers]")
+    proxy.add_argument("service", help="service name on that peer")
+    proxy.add_argument("port", type=_port, metavar="LOCAL_PORT", help="local port; 0 picks a free one and prints it")
+    proxy.add_argument("--bind", default="127.0.0.1", metavar="ADDR", help="local address (default 127.0.0.1)")
+    _common(proxy)
+
+    ping = sub.add_parser("ping", help="check the path to a peer")
+    ping.add_argument("peer", help="peer ID or a name from [peers]")
+    ping.add_argument("-c", "--count", type=_positive_int, default=4, help="number of pings (default 4)")
+    ping.add_argument(
+        "--interval", type=_positive_float, default=1.0, metavar="S", help="seconds between pings (default 1)"
+    )
+    _common(ping)
+
+    run = sub.add_parser("run", help="run a whole node from settings: services and proxies")
+    run.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="expose a local TCP service (repeatable)",
+    )
+    run.add_argument(
+        "--proxy",
+        action="append",
+        default=[],
+        metavar="PEER:SERVICE:PORT",
+        help="forward 127.0.0.1:PORT to SERVICE on PEER (repeatable)",
+    )
+    _common(run)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins and whether they are active")
+    _common(plugins, node=False)
+
+    config = sub.add_parser("config", help="inspect settings")
+    config_sub = config.add_subparsers(dest="config_command", metavar="COMMAND", parser_class=_Parser)
+    config_sub.add_parser("show", help="print the resolved settings as TOML")
+    config_sub.add_parser("path", help="print the config file path")
+    return parser
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings overrides from the flags that were given, and only those."""
+    flags: dict[str, Any] = {}
+    for name in ("relays", "listen", "plugins", "disable_plugins"):
+        value = getattr(args, name, None)
+        if value:
+            flags[name] = value
+    if args.log_level:
+        flags["log_level"] = args.log_level
+    if getattr(args, "relay_listen", None):
+        flags["relay"] = {"listen": args.relay_listen}
+    return flags
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = _flags(args)
+    if "relay" in flags:
+        # Keep the other relay limits from the file/env: merge the one field.
+        base = load_settings(args.home)
+        flags["relay"] = {**base.relay.model_dump(), **flags["relay"]}
+    settings = load_settings(args.home, **flags)
+    for text in getattr(args, "service", []):
+        name, address = parse_service_flag(text)
+        try:
+            settings.services[name] = ServiceSettings(name=name, address=address)
+        except ValidationError as exc:
+            raise ConfigError(f"--service {text!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from exc
+    for text in getattr(args, "proxy", []):
+        peer, service, port = [*text.rsplit(":", 2), "", ""][:3]
+        if not peer or not service or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"--proxy {text!r}: expected PEER:SERVICE:PORT, e.g. home:ssh:2222")
+        settings.proxies.append(ProxySettings(peer=peer, service=service, port=int(port)))
+    return settings
+
+
+def _setup_logging(settings: Settings | None, verbose: int, explicit: str | None) -> None:
+    level = explicit or (settings.log_level if settings else "warning")
+    if verbose:
+        level = "debug" if verbose > 1 else "info"
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _plugins(settings: Settings) -> PluginHost:
+    return load_plugins(settings.plugins, settings.disable_plugins)
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)
+
+
+# -- commands --------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    from peerup.plugins.libp2p.identity import create_identity
+
+    peer_id = create_identity(settings.home)
+    _out(f"created identity in {settings.home}")
+    _out(peer_id)
+    return 0
+
+
+def cmd_whoami(args: argparse.Namespace, settings: Settings) -> int:
+    from peerup.plugins.libp2p.identity import peer_id_of
+
+    _out(peer_id_of(settings.home))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    import tomli_w
+
+    if args.config_command == "path":
+        _out(str(settings.config_file))
+        return 0
+    data = _drop_none(settings.model_dump(mode="json"))
+    _out(f"# resolved: defaults < {settings.config_file} < PEERUP_* < flags; unset timeouts mean 'none'")
+    sys.stdout.write(tomli_w.dumps(data))
+    return 0
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def cmd_plugins(args: argparse.Namespace, settings: Settings) -> int:
+    rows = describe_plugins(settings.plugins, settings.disable_plugins)
+    header = ("NAME", "DISTRIBUTION", "ACTIVE", "HOOKS")
+    table = [header] + [
+        (row.name, f"{row.distribution} {row.version}", "yes" if row.active else "no", ", ".join(row.hooks))
+        for row in rows
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    for row in table:
+        _out("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    return 0
+
+
+async def _relay(settings: Settings) -> None:
+    runtime = Runtime(settings, _plugins(settings))
+    with anyio.CancelScope() as scope:
+        async with stop_on_signals(scope), runtime.node("relay") as node:
+            _out(f"relay {node.peer_id} listening on:")
+            for addr in node.listen_addrs():
+                _out(f"  {addr}")
+            await anyio.sleep_forever()
+
+
+async def _run(settings: Settings, services: bool, proxies: list[ProxySettings]) -> None:
+    runtime = Runtime(settings, _plugins(settings))
+    with anyio.CancelScope() as scope:
+        async with stop_on_signals(scope), runtime.node() as node:
+            _out(f"peer {node.peer_id}")
+            if services:
+                if not settings.services:
+                    log.warning("no services configured: add --service NAME=HOST:PORT or [services] in the config")
+                runtime.expose(node, settings.services)
+                for service in settings.services.values():
+                    _out(f"serving {service.name} -> {service.address}")
+            for addr in node.listen_addrs():
+                _out(f"  reachable at {addr}")
+            async with anyio.create_task_group() as tunnels:
+                with anyio.CancelScope() as accepting:
+                    async with anyio.create_task_group() as listeners:
+                        for proxy in proxies:
+                            port = await listeners.start(runtime.serve_proxy, node, proxy, tunnels)
+                            _out(f"forwarding {proxy.bind}:{port} -> {proxy.service} on {proxy.peer}")
+                        await _until_cancelled(scope, accepting)
+                # Shutdown: listeners closed; give open tunnels the drain time.
+                if runtime.open_tunnels:
+                    log.warning(
+                        "waiting up to %g s for %d open connections", settings.timeouts.drain, runtime.open_tunnels
+                    )
+                    with anyio.CancelScope(shield=True):
+                        if not await runtime.drain(settings.timeouts.drain):
+                            log.warning("closing %d connections still open", runtime.open_tunnels)
+                tunnels.cancel_scope.cancel()
+
+
+async def _until_cancelled(outer: anyio.CancelScope, accepting: anyio.CancelScope) -> None:
+    """Sleep until a signal; then stop accepting but keep the node up for draining."""
+    try:
+        await anyio.sleep_forever()
+    finally:
+        if outer.cancel_called:
+            accepting.cancel()
+
+
+async def _ping(settings: Settings, peer: str, count: int, interval: float) -> int:
+    runtime = Runtime(settings, _plugins(settings))
+    async with runtime.node() as node:
+
+        def reply(seq: int, rtt: float | None) -> None:
+            _out(f"seq={seq} time={rtt * 1000:.2f} ms" if rtt is not None else f"seq={seq} timed out")
+
+        peer_id = runtime.peer_id(node, peer)
+        _out(f"PING {peer} ({short(peer_id)})")
+        stats = await runtime.ping(node, peer, count, interval, reply)
+        _out(f"--- {peer} via {stats.path} path (found: {stats.source}) ---")
+        _out(stats.summary())
+        return 0 if stats.received else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(None, args.verbose, args.log_level)
+    try:
+        settings = _settings(args)
+        _setup_logging(settings, args.verbose, args.log_level)
+        return _dispatch(parser, args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        error = _user_error(exc)
+        if error is None:
+            raise
+        print(f"peerup: error: {error}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exception(exc)
+        return error.exit_code
+
+
+def _user_error(exc: BaseException) -> PeerupError | None:
+    """The first PeerupError, also from inside a task group's ExceptionGroup."""
+    if isinstance(exc, PeerupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _user_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Settings) -> int:
+    command = args.command
+    if command == "init":
+        return cmd_init(args, settings)
+    if command == "whoami":
+        return cmd_whoami(args, settings)
+    if command == "config":
+        if args.config_command is None:
+            parser.parse_args(["config", "--help"])
+        return cmd_config(args, settings)
+    if command == "plugins":
+        return cmd_plugins(args, settings)
+    if command == "relay":
+        if args.relay_command is None:
+            parser.parse_args(["relay", "--help"])
+        anyio.run(_relay, settings, backend="trio")
+        return 0
+    if command == "serve":
+        anyio.run(_run, settings, True, [], backend="trio")
+        return 0
+    if command == "run":
+        anyio.run(_run, settings, True, list(settings.proxies), backend="trio")
+        return 0
+    if command == "proxy":
+        proxy = ProxySettings(peer=args.peer, service=args.service, port=args.port, bind=args.bind)
+        anyio.run(_run, settings, False, [proxy], backend="trio")
+        return 0
+    if command == "ping":
+        code: int = anyio.run(_ping, settings, args.peer, args.count, args.interval, backend="trio")
+        return code
+    parser.error(f"unknown command {command!r}")
+
+
+def entry() -> NoReturn:
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The data path, one hook per arrow::
+
+    peer name -> discover_peer -> dial (under retry_policy) -> status line -> proxy_stream <-> TCP
+
+Timeouts are applied here, around the hooks (httpcore's way): a plugin never
+takes a timeout argument, the core scopes each step with ``anyio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import statistics
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import anyio
+from anyio.abc import ByteStream, SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteStream
+
+from peerup.core import wire
+from peerup.core.errors import (
+    ConfigError,
+    PeerNotFound,
+    PeerTimeout,
+    PeerUnreachable,
+    PeerupError,
+    PluginError,
+    ProtocolNotSupported,
+    ServiceError,
+)
+from peerup.core.node import Node, PeerAttribute, PeerRecord
+from peerup.core.plugins import PluginHost
+from peerup.core.retry import RetryPolicy, call_with_retry
+from peerup.core.settings import ProxySettings, ServiceSettings, Settings, service_protocol
+
+log = logging.getLogger("peerup.runtime")
+
+#: Echo protocol every peerup node answers; ``peerup ping`` measures round trips on it.
+PING_PROTOCOL = "/peerup/ping/1.0.0"
+PING_SIZE = 32
+
+
+def short(peer_id: str) -> str:
+    return peer_id if len(peer_id) <= 16 else f"{peer_id[:8]}…{peer_id[-6:]}"
+
+
+@dataclass
+class PingStats:
+    peer_id: str
+    path: str
+    source: str
+    rtts: list[float | None] = field(default_factory=list)
+
+    @property
+    def received(self) -> list[float]:
+        return [rtt for rtt in self.rtts if rtt is not None]
+
+    def summary(self) -> str:
+        sent, got = len(self.rtts), len(self.received)
+        loss = 100.0 * (sent - got) / sent if sent else 0.0
+        line = f"{sent} sent, {got} received, {loss:.0f}% loss"
+        if got:
+            ms = [rtt * 1000 for rtt in self.received]
+            dev = statistics.pstdev(ms)
+            line += f", rtt min/avg/max/mdev = {min(ms):.2f}/{statistics.fmean(ms):.2f}/{max(ms):.2f}/{dev:.2f} ms"
+        return line
+
+
+class Runtime:
+    """One process's node plus what it serves and proxies."""
+
+    def __init__(self, settings: Settings, plugins: PluginHost) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self._open_tunnels = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    # -- node lifecycle --------------------------------------------------------
+
+    @asynccontextmanager
+    async def node(self, role: str = "node") -> AsyncIterator[Node]:
+        manager = self.plugins.call_first("open_node", settings=self.settings, role=role)
+        if manager is None:
+            raise PluginError("no active plugin provides a transport (open_node); is the built-in 'libp2p' disabled?")
+        async with manager as node:
+            node.set_stream_handler(PING_PROTOCOL, self._answer_ping)
+            yield node
+
+    # -- finding and reaching a peer ------------------------------------------
+
+    def peer_id(self, node: Node, text: str) -> str:
+        """A friendly name or a peer ID, validated; bad input is one line."""
+        resolved = self.settings.resolve_peer(text)
+        try:
+            return node.parse_peer_id(resolved)
+        except ValueError as exc:
+            known = ", ".join(sorted(self.settings.peers)) or "none configured"
+            raise ConfigError(
+                f"peer {text!r} is neither a name in [peers] ({known}) nor a valid peer ID: {exc}"
+            ) from exc
+
+    async def connect_to_peer(self, node: Node, peer_id: str) -> PeerRecord:
+        """The seed's ConnectToPeer: discovery before every proxy connection and ping."""
+        record: PeerRecord | None = await self.plugins.acall_first(
+            "discover_peer", node=node, peer_id=peer_id, settings=self.settings
+        )
+        if record is None:
+            raise PeerNotFound(
+                f"peer {short(peer_id)} not found: no discovery plugin knows it (is it running with the same relay?)"
+            )
+        log.debug("peer %s found via %s: %s", short(peer_id), record.source, ", ".join(record.addrs) or "-")
+        return record
+
+    async def _dial(self, node: Node, peer_id: str, protocol: str) -> tuple[ByteStream, PeerRecord]:
+        record = await self.connect_to_peer(node, peer_id)
+        stream: ByteStream | None = await self.plugins.acall_first(
+            "dial", node=node, peer=record, protocol=protocol, settings=self.settings
+        )
+        if stream is None:
+            raise PeerUnreachable(f"peer {short(peer_id)}: no active plugin can dial it")
+        return stream, record
+
+    def retry_policy(self, service: ServiceSettings | None) -> RetryPolicy:
+        policy: RetryPolicy | None = self.plugins.call_first("retry_policy", settings=self.settings, service=service)
+        if policy is None:
+            raise PluginError("no active plugin provides a retry_policy; is the built-in 'backoff' disabled?")
+        return policy
+
+    async def open_service_stream(self, node: Node, peer: str, service: str) -> BufferedByteStream:
+        """Discover, dial and hear ``OK`` from the serving node, under the retry policy."""
+        peer_id = self.peer_id(node, peer)
+        protocol = service_protocol(service)
+        timeout = self.settings.service_stream_timeout(None)
+
+        async def attempt() -> BufferedByteStream:
+            try:
+                with anyio.fail_after(timeout):
+                    try:
+                        stream, _ = await self._dial(node, peer_id, protocol)
+                    except ProtocolNotSupported as exc:
+                        raise ServiceError(
+                            "unknown-service", f"peer {short(peer_id)} does not expose a service named {service!r}"
+                        ) from exc
+                    try:
+                        return await wire.read_status(stream, service)
+                    except BaseException:
+                        await anyio.aclose_forcefully(stream)
+                        raise
+            except TimeoutError:
+                raise PeerTimeout(f"peer {short(peer_id)}: no answer for {service!r} within {timeout:g} s") from None
+
+        return await call_with_retry(self.retry_policy(None), attempt, f"{service} on {short(peer_id)}")
+
+    # -- ping ------------------------------------------------------------------
+
+    async def _answer_ping(self, stream: ByteStream, remote_peer: str) -> None:
+        async with stream:
+            try:
+                while True:
+                    await stream.send(await stream.receive(PING_SIZE))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+    async def ping(
+        self,
+        node: Node,
+        peer: str,
+        count: int,
+        interval: float,
+        on_reply: Callable[[int, float | None], None] = lambda seq, rtt: None,
+    ) -> PingStats:
+        """Round trips on one stream, after discovery, as ``ping`` would report them."""
+        peer_id = self.peer_id(node, peer)
+        timeout = self.settings.service_stream_timeout(None)
+        try:
+            with anyio.fail_after(timeout):
+                raw, record = await self._dial(node, peer_id, PING_PROTOCOL)
+        except TimeoutError:
+            raise PeerTimeout(f"peer {short(peer_id)}: timed out after {timeout:g} s") from None
+        except ProtocolNotSupported as exc:
+            raise PeerUnreachable(f"peer {short(peer_id)} does not answer peerup pings: {exc}") from exc
+        stream = BufferedByteStream(raw)
+        stats = PingStats(peer_id, raw.extra(PeerAttribute.path, "unknown"), record.source)
+        async with stream:
+            for seq in range(count):
+                if seq:
+                    await anyio.sleep(interval)
+                payload = os.urandom(PING_SIZE)
+                started = anyio.current_time()
+                rtt: float | None = None
+                with anyio.move_on_after(max(interval, 1.0) * 5):
+                    await stream.send(payload)
+                    if await stream.receive_exactly(PING_SIZE) != payload:
+                        raise PeerupError(f"peer {short(peer_id)} echoed different bytes: the stream is corrupt")
+                    rtt = anyio.current_time() - started
+                stats.rtts.append(rtt)
+                on_reply(seq, rtt)
+        return stats
+
+    # -- serving ---------------------------------------------------------------
+
+    @contextmanager
+    def _tunnel(self) -> Iterator[None]:
+        self._open_tunnels += 1
+        self._idle = anyio.Event() if self._open_tunnels == 1 else self._idle
+        try:
+            yield
+        finally:
+            self._open_tunnels -= 1
+            if self._open_tunnels == 0:
+                self._idle.set()
+
+    @property
+    def open_tunnels(self) -> int:
+        return self._open_tunnels
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for open tunnels to finish; ``False`` if some were still open at the deadline."""
+        with anyio.move_on_after(timeout):
+            await self._idle.wait()
+        return self._open_tunnels == 0
+
+    def expose(self, node: Node, services: dict[str, ServiceSettings]) -> None:
+        for service in services.values():
+            node.set_stream_handler(service.protocol, partial(self._serve_stream, service))
+            log.info("exposing %s (%s) as %s", service.name, service.address, service.protocol)
+
+    async def _serve_stream(self, service: ServiceSettings, stream: ByteStream, remote_peer: str) -> None:
+        """An inbound service stream: dial the local service, answer, then proxy."""
+        with self._tunnel():
+            target = f"{service.host}:{service.port}"
+            timeout = self.settings.local_dial_timeout(service)
+            try:
+                with anyio.fail_after(timeout):
+                    local = await anyio.connect_tcp(service.host, service.port)
+            except TimeoutError:
+                await self._refuse(stream, "timeout", f"local service {target} did not answer within {timeout:g} s")
+                return
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                await self._refuse(stream, "refused", f"local service {target} refused the connection ({reason})")
+                return
+            log.info("%s: stream from %s connected to %s", service.name, short(remote_peer), target)
+            try:
+                await wire.send_ok(stream)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await local.aclose()
+                await anyio.aclose_forcefully(stream)
+                return
+            await self.carry(local, stream, service)
+
+    async def _refuse(self, stream: ByteStream, code: str, message: str) -> None:
+        log.warning("refused a stream: %s", message)
+        try:
+            await wire.send_error(stream, code, message)
+            await stream.send_eof()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            await anyio.aclose_forcefully(stream)
+
+    async def carry(self, local: ByteStream, remote: ByteStream, service: ServiceSettings | None) -> None:
+        handled = await self.plugins.acall_first(
+            "proxy_stream", local=local, remote=remote, settings=self.settings, service=service
+        )
+        if handled is None:
+            await anyio.aclose_forcefully(local)
+            await anyio.aclose_forcefully(remote)
+            raise PluginError("no active plugin provides proxy_stream; is the built-in 'proxy' disabled?")
+
+    # -- proxying --------------------------------------------------------------
+
+    async def serve_proxy(
+        self,
+        node: Node,
+        proxy: ProxySettings,
+        tunnels: anyio.abc.TaskGroup,
+        *,
+        task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``bind:port``; each connection becomes a tunnel in ``tunnels``.
+
+        Tunnels live in the caller's task group so that cancelling this
+        listener (shutdown) stops new connections but lets open ones drain.
+        """
+        self.peer_id(node, proxy.peer)  # a bad peer is a startup error, not a per-connection one
+        try:
+            listener = await anyio.create_tcp_listener(local_host=proxy.bind, local_port=proxy.port)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {proxy.bind}:{proxy.port}: {exc.strerror or exc} (choose another port, or 0 for any)"
+            ) from exc
+        async with listener:
+            port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
+            task_status.started(port)
+            await listener.serve(partial(self._proxy_connection, node, proxy), task_group=tunnels)
+
+    async def _proxy_connection(self, node: Node, proxy: ProxySettings, local: SocketStream) -> None:
+        with self._tunnel():
+            client = local.extra(anyio.abc.SocketAttribute.remote_address)
+            try:
+                remote = await self.open_service_stream(node, proxy.peer, proxy.service)
+            except PeerupError as exc:
+                log.error("%s", exc)
+                await anyio.aclose_forcefully(local)
+                return
+            except Exception:
+                await anyio.aclose_forcefully(local)
+                raise
+            path = remote.extra(PeerAttribute.path, "unknown")
+            log.info("connection from %s -> %s on %s: %s path", client, proxy.service, proxy.peer, path)
+            await self.carry(local, remote, None)
+
+
+@asynccontextmanager
+async def stop_on_signals(scope: anyio.CancelScope) -> AsyncIterator[None]:
+    """SIGINT/SIGTERM cancel ``scope``: a clean, bounded shutdown instead of a traceback."""
+
+    async def watch() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.warning("received %s: shutting down", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()

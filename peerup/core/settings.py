@@ -1,0 +1,261 @@
+"""Settings: defaults < config file < environment < command-line flags.
+
+The config file is ``config.toml`` in the peerup home (``~/.config/peerup``
+unless ``--home`` or ``PEERUP_HOME`` says otherwise), so several nodes can live
+on one machine, each with its own home. Environment variables are ``PEERUP_*``
+with ``__`` between nested names (``PEERUP_TIMEOUTS__LOCAL_DIAL=5``).
+
+Timeouts are in seconds; ``None`` means "no timeout". The defaults are the
+seed's (docs/adr/0003-timeouts-and-retries.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from peerup.core.errors import ConfigError
+
+CONFIG_NAME = "config.toml"
+_SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def default_home() -> Path:
+    env = os.environ.get("PEERUP_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "peerup"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Timeouts(_Strict):
+    """The seed's timeouts (ADR-A01). ``idle`` is off: SSH sessions live long."""
+
+    local_dial: float = Field(10.0, gt=0, description="connect to the local service")
+    service_stream: float = Field(30.0, gt=0, description="discover + dial + open a peer stream")
+    idle: float | None = Field(None, gt=0, description="close a tunnel idle this long; unset = never")
+    drain: float = Field(10.0, ge=0, description="on shutdown, wait this long for open tunnels")
+
+
+class Retry(_Strict):
+    """Exponential backoff (ADR-A02): initial, initial*2, ... capped at max_delay."""
+
+    retries: int = Field(3, ge=0, le=1000)
+    initial: float = Field(1.0, ge=0)
+    multiplier: float = Field(2.0, ge=1)
+    max_delay: float = Field(60.0, ge=0)
+
+
+class ServiceSettings(_Strict):
+    """A named local TCP service; unset timeouts fall back to the global ones."""
+
+    name: str = ""
+    address: str
+    local_dial_timeout: float | None = Field(None, gt=0)
+    service_stream_timeout: float | None = Field(None, gt=0)
+    idle_timeout: float | None = Field(None, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return parse_host_port(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_host_port(self.address)[1]
+
+    @property
+    def protocol(self) -> str:
+        return service_protocol(self.name)
+
+
+class ProxySettings(_Strict):
+    """A local port that ``peerup run`` forwards to a peer's service."""
+
+    peer: str
+    service: str
+    port: int = Field(ge=0, le=65535)
+    bind: str = "127.0.0.1"
+
+
+class RelaySettings(_Strict):
+    """Limits for ``peerup relay serve``; defaults suit long SSH sessions and many peers."""
+
+    listen: list[str] = ["/ip4/0.0.0.0/tcp/7777"]
+    max_reservations: int = Field(1024, ge=1)
+    max_circuits_per_peer: int = Field(64, ge=1)
+    reservation_ttl: float = Field(3600.0, gt=0)
+    circuit_duration: float = Field(24 * 3600.0, gt=0)
+    circuit_data: int | None = Field(None, gt=0, description="bytes per circuit; unset = no cap")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PEERUP_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Field(default_factory=default_home)
+    log_level: str = "warning"
+    listen: list[str] = ["/ip4/0.0.0.0/tcp/0"]
+    relays: list[str] = []
+    plugins: list[str] = Field([], description="extra plugins to activate, by entry-point name")
+    disable_plugins: list[str] = Field([], description="built-in plugins to turn off")
+    peers: dict[str, str] = Field({}, description="friendly name -> peer ID")
+    services: dict[str, ServiceSettings] = {}
+    proxies: list[ProxySettings] = []
+    timeouts: Timeouts = Timeouts()
+    retry: Retry = Retry()
+    relay: RelaySettings = RelaySettings()
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError("expected one of debug, info, warning, error, critical")
+        return value
+
+    @field_validator("services")
+    @classmethod
+    def _names(cls, value: dict[str, ServiceSettings]) -> dict[str, ServiceSettings]:
+        for name, service in value.items():
+            if not _SERVICE_NAME.match(name):
+                raise ValueError(f"service name {name!r}: expected lowercase letters, digits, '-' or '_'")
+            service.name = name
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: flags (init kwargs) > environment > config file > defaults.
+        toml_path = _CONFIG_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / CONFIG_NAME
+
+    def service(self, name: str) -> ServiceSettings:
+        return self.services[name]
+
+    def local_dial_timeout(self, service: ServiceSettings | None) -> float:
+        if service is not None and service.local_dial_timeout is not None:
+            return service.local_dial_timeout
+        return self.timeouts.local_dial
+
+    def service_stream_timeout(self, service: ServiceSettings | None) -> float:
+        if service is not None and service.service_stream_timeout is not None:
+            return service.service_stream_timeout
+        return self.timeouts.service_stream
+
+    def idle_timeout(self, service: ServiceSettings | None) -> float | None:
+        if service is not None and service.idle_timeout is not None:
+            return service.idle_timeout
+        return self.timeouts.idle
+
+    def resolve_peer(self, name_or_id: str) -> str:
+        """A friendly name from ``[peers]``, else the text itself (validated by the node)."""
+        return self.peers.get(name_or_id, name_or_id)
+
+
+# The TOML source needs the path before the model exists; load_settings sets it.
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+def service_protocol(name: str) -> str:
+    return f"/peerup/service/{name}/1.0.0"
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: expected HOST:PORT with a port from 1 to 65535")
+    return host, int(port_text)
+
+
+def parse_service_flag(text: str) -> tuple[str, str]:
+    """``NAME=HOST:PORT`` from ``--service``, checked before it reaches the model."""
+    name, sep, address = text.partition("=")
+    if not sep or not name:
+        raise ConfigError(f"--service {text!r}: expected NAME=HOST:PORT, e.g. ssh=127.0.0.1:22")
+    return name, address
+
+
+def load_settings(home: Path | None = None, **flags: Any) -> Settings:
+    """Resolve settings from every layer; a bad value is one :class:`ConfigError` line.
+
+    ``flags`` are only the command-line flags the user gave (as uvicorn does), so
+    an absent flag never masks the file or the environment.
+    """
+    home = (home or default_home()).expanduser().absolute()
+    path = home / CONFIG_NAME
+    if path.exists():
+        try:
+            with path.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    _CONFIG_FILE["path"] = path if path.exists() else None
+    try:
+        return Settings(home=home, **flags)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, path, flags)) from exc
+    finally:
+        _CONFIG_FILE["path"] = None
+
+
+def _one_line(exc: ValidationError, path: Path, flags: dict[str, Any]) -> str:
+    first = exc.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    field = ".".join(loc) or "settings"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    got = first.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f", got {got!r}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{_source_of(loc, path, flags)}: {field}: {message}{shown}{more}"
+
+
+def _source_of(loc: list[str], path: Path, flags: dict[str, Any]) -> str:
+    """Name the layer that supplied the bad value, so the user knows what to edit."""
+    if loc and loc[0] in flags:
+        return f"command-line flag for {loc[0]}"
+    for depth in range(len(loc), 0, -1):
+        name = "PEERUP_" + "__".join(loc[:depth]).upper()
+        if name in os.environ:
+            return f"environment variable {name}"
+    return str(path) if path.exists() else "settings"

@@ -1,0 +1,81 @@
+"""The built-in transport plugin: libp2p hosts, relay, DHT discovery and dialing.
+
+Registered through the ``peerup.plugins`` entry point like any third-party
+plugin. Importing it applies the process-wide libp2p workarounds (private DHT
+protocol, yamux window wait, log filters), idempotently.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractAsyncContextManager
+
+from anyio.abc import ByteStream
+from libp2p.peer.id import ID
+
+from peerup.core.hookspecs import hookimpl
+from peerup.core.node import Node, PeerRecord
+from peerup.core.settings import Settings
+from peerup.plugins.libp2p import workarounds
+from peerup.plugins.libp2p.node import Libp2pNode, open_libp2p_node, relay_circuit_addr
+
+log = logging.getLogger("peerup.libp2p")
+
+#: A DHT lookup never takes longer than this; an unanswered lookup means "not found".
+DHT_LOOKUP_TIMEOUT = 5.0
+
+workarounds.apply_global_workarounds()
+
+
+@hookimpl
+def open_node(settings: Settings, role: str) -> AbstractAsyncContextManager[Node]:
+    return open_libp2p_node(settings, role)
+
+
+@hookimpl
+async def discover_peer(node: Node, peer_id: str, settings: Settings) -> PeerRecord | None:
+    """The seed's ConnectToPeer: connection, then peerstore, then DHT, then relay circuit."""
+    if not isinstance(node, Libp2pNode):
+        return None
+    peer = ID.from_base58(node.parse_peer_id(peer_id))
+    if node.is_connected(peer):
+        log.info("peer %s: already connected", peer_id)
+        return PeerRecord(peer_id, tuple(_known_addrs(node, peer)), source="connected", connected=True)
+    addrs = _known_addrs(node, peer)
+    source = "peerstore"
+    if not addrs:
+        addrs = await node.find_peer(peer, DHT_LOOKUP_TIMEOUT)
+        source = "dht"
+    if all("/p2p-circuit" in a for a in addrs) and node.relays:
+        # Only relayed reach (or none known): go through our own relays too, they
+        # are where a NATed peer reserves.
+        ours = [relay_circuit_addr(r.addr, peer_id) for r in node.relays]
+        if not addrs:
+            source = "relay"
+        addrs = addrs + [a for a in ours if a not in addrs]
+    if not addrs:
+        log.info("peer %s: not found (no connection, no known address, DHT had nothing)", peer_id)
+        return None
+    log.info("peer %s: %d address(es) from %s", peer_id, len(addrs), source)
+    return PeerRecord(peer_id, tuple(addrs), source=source)
+
+
+@hookimpl
+async def dial(node: Node, peer: PeerRecord, protocol: str, settings: Settings) -> ByteStream | None:
+    """Reuse a connection, else direct addresses, then circuits; then open ``protocol``."""
+    if not isinstance(node, Libp2pNode):
+        return None
+    return await node.open_stream(peer.peer_id, peer.addrs, protocol)
+
+
+def _known_addrs(node: Libp2pNode, peer: ID) -> list[str]:
+    try:
+        addrs = node.host.get_peerstore().addrs(peer)
+    except Exception:  # PeerStoreError: never heard of it
+        return []
+    suffix = f"/p2p/{peer.to_base58()}"
+    out = []
+    for addr in addrs:
+        text = str(addr)
+        out.append(text if text.endswith(suffix) else text + suffix)
+    return out

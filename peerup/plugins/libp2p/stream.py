@@ -1,0 +1,128 @@
+"""anyio ``ByteStream`` over a libp2p stream, so the core never sees libp2p types.
+
+libp2p signals end-of-stream by raising ``StreamEOF`` (``read()`` never returns
+``b""``) and a broken stream with ``StreamReset``/``StreamError``; anyio code
+expects ``EndOfStream`` and ``BrokenResourceError``. Half-close maps to
+``close_write()``, which with yamux sends FIN and keeps the read side open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+from anyio.abc import ByteStream
+from libp2p.abc import INetStream
+from libp2p.connection_types import ConnectionType
+from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError
+
+from peerup.core.node import PeerAttribute
+
+#: Reads return at most this much unless the caller asks for less.
+DEFAULT_MAX_BYTES = 65536
+
+
+def _conn_of(stream: INetStream) -> Any:
+    return getattr(stream, "swarm_conn", None) or getattr(stream, "muxed_conn", None)
+
+
+def stream_path(stream: INetStream) -> str:
+    """``"relayed"`` when the stream's connection is a circuit, else ``"direct"``."""
+    for conn in (getattr(stream, "swarm_conn", None), getattr(stream, "muxed_conn", None)):
+        if conn is None:
+            continue
+        try:
+            if conn.get_connection_type() == ConnectionType.RELAYED:
+                return "relayed"
+        except Exception:  # noqa: S112 - best effort: some conns lack transport info
+            continue
+    return "relayed" if "/p2p-circuit" in stream_remote_address(stream) else "direct"
+
+
+def stream_remote_address(stream: INetStream) -> str:
+    """The address the stream's connection uses, as a multiaddr string when known."""
+    conn = _conn_of(stream)
+    try:
+        addrs = conn.get_transport_addresses() if conn is not None else []
+    except Exception:
+        addrs = []
+    if addrs:
+        return str(addrs[0])
+    try:
+        remote = stream.get_remote_address()
+    except Exception:
+        remote = None
+    if remote is None:
+        return ""
+    host, port = remote
+    return f"/ip6/{host}/tcp/{port}" if ":" in host else f"/ip4/{host}/tcp/{port}"
+
+
+class Libp2pByteStream(ByteStream):
+    """An :class:`anyio.abc.ByteStream` over a libp2p ``INetStream``."""
+
+    def __init__(self, stream: INetStream, remote_peer: str, path: str | None = None) -> None:
+        self._stream = stream
+        self._remote_peer = remote_peer
+        self._path = path or stream_path(stream)
+        self._remote_address = stream_remote_address(stream)
+        self._eof_sent = False
+        self._closed = False
+
+    @property
+    def libp2p_stream(self) -> INetStream:
+        return self._stream
+
+    async def receive(self, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        try:
+            data = await self._stream.read(max_bytes)
+        except (StreamEOF, MuxedStreamEOF, EOFError) as exc:
+            raise anyio.EndOfStream from exc
+        except (StreamError, MuxedStreamError, OSError) as exc:
+            raise anyio.BrokenResourceError(f"peer stream broken: {exc or exc.__class__.__name__}") from exc
+        if not data:  # not expected from libp2p, but b"" must never reach anyio code
+            raise anyio.EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        if self._closed or self._eof_sent:
+            raise anyio.ClosedResourceError
+        try:
+            await self._stream.write(item)
+        except (StreamClosed, StreamError, MuxedStreamError, OSError) as exc:
+            raise anyio.BrokenResourceError(f"peer stream broken: {exc or exc.__class__.__name__}") from exc
+
+    async def send_eof(self) -> None:
+        if self._eof_sent or self._closed:
+            return
+        self._eof_sent = True
+        try:
+            await self._stream.close_write()
+        except (StreamError, MuxedStreamError, OSError) as exc:
+            raise anyio.BrokenResourceError(f"peer stream broken: {exc or exc.__class__.__name__}") from exc
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stream.close()
+        except Exception:
+            # Already reset or the connection is gone: nothing left to flush.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._stream.reset()
+                except Exception:  # noqa: S110 - the stream is unusable either way
+                    pass
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {
+            PeerAttribute.remote_peer: lambda: self._remote_peer,
+            PeerAttribute.path: lambda: self._path,
+            PeerAttribute.remote_address: lambda: self._remote_address,
+        }

@@ -1,0 +1,257 @@
+"""Every workaround peerup needs for py-libp2p 0.8.1, in one place.
+
+Each entry names the upstream behaviour and where it lives in the installed
+package (``site-packages/libp2p/...``), so that when the pinned version changes
+someone can re-check them one by one. Each has a test in
+``tests/test_libp2p_workarounds.py`` that shows why it exists; see also
+``docs/libp2p-workarounds.md`` and ``/work/shared/LIBP2P-NOTES.md``.
+
+Process-wide patches (DHT protocol id, yamux window wait, log filters) are
+applied by :func:`apply_global_workarounds`, idempotently, when the plugin is
+loaded. Per-host ones are small helpers called by :mod:`.node`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.network.config import ConnectionConfig
+from libp2p.relay.circuit_v2.resources import RelayResourceManager
+
+log = logging.getLogger("peerup.libp2p.workarounds")
+
+#: The private DHT protocol: peerup nodes never talk to the public IPFS DHT.
+PEERUP_KAD_PROTOCOL = "/peerup/kad/1.0.0"
+UPSTREAM_KAD_PROTOCOL = "/ipfs/kad/1.0.0"
+
+# (a) kad_dht/common.py:14 hard-codes PROTOCOL_ID = "/ipfs/kad/1.0.0" and these
+# modules import it *by name*; KadDHT(protocol_prefix=...) is ignored on the wire.
+# routing_table.py:533 re-imports it from .common at call time, so common itself
+# is patched too.
+_KAD_MODULES = (
+    "libp2p.kad_dht.common",
+    "libp2p.kad_dht.kad_dht",
+    "libp2p.kad_dht.peer_routing",
+    "libp2p.kad_dht.provider_store",
+    "libp2p.kad_dht.value_store",
+)
+
+
+def use_private_dht_protocol(protocol: str = PEERUP_KAD_PROTOCOL) -> None:
+    """(a) Speak ``protocol`` instead of ``/ipfs/kad/1.0.0`` in every KadDHT (process-wide).
+
+    Upstream: kad_dht/common.py:14 ``PROTOCOL_ID`` is imported by name into
+    kad_dht.py:69, peer_routing.py:31, provider_store.py:44, value_store.py:35,
+    and ``protocol_prefix=`` does not reach the wire. Idempotent.
+    """
+    from libp2p.custom_types import TProtocol
+
+    import importlib
+
+    for name in _KAD_MODULES:
+        module = importlib.import_module(name)
+        module.PROTOCOL_ID = TProtocol(protocol)  # type: ignore[attr-defined]
+
+
+def kad_protocol_in_use() -> str:
+    """The KAD protocol id the kad_dht package will put on the wire now."""
+    from libp2p.kad_dht import kad_dht
+
+    return str(kad_dht.PROTOCOL_ID)
+
+
+# (b) network/swarm.py:934-937: host.connect() waits a fixed 250 ms
+# (_HAPPY_EYEBALLS_DELAY) after dialing the last address unless
+# max_connections_per_peer is reached. With 1 a connect takes 5-8 ms.
+def connection_config() -> ConnectionConfig:
+    """(b) A ConnectionConfig whose dial returns as soon as one connection is up."""
+    return ConnectionConfig(max_connections_per_peer=1)
+
+
+class _ReleaseReservationOnDisconnect(INotifee):
+    """(c) Frees a peer's relay reservation once its last connection closes.
+
+    Upstream: relay/circuit_v2/resources.py:260 keeps a reservation until its TTL
+    (default 3600 s) even after the peer left; with ``max_reservations`` slots a
+    relay then refuses new peers for an hour after churn.
+    """
+
+    def __init__(self, resources: RelayResourceManager) -> None:
+        self._resources = resources
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        return None
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        remaining = [c for c in network.get_connections(peer) if c is not conn]
+        if remaining:
+            return
+        if self._resources._reservations.pop(peer, None) is not None:
+            log.debug("relay: reservation of %s released on disconnect", peer)
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+
+def release_reservations_on_disconnect(host: IHost, resources: RelayResourceManager) -> INotifee:
+    """(c) Register the notifee above on ``host``'s network; returns it for removal."""
+    notifee = _ReleaseReservationOnDisconnect(resources)
+    host.get_network().register_notifee(notifee)
+    return notifee
+
+
+def advertise_addrs(host: IHost, addrs: Callable[[], Sequence[str]]) -> None:
+    """(d) Make ``host.get_addrs()`` return exactly ``addrs()`` (full addrs with /p2p/<self>).
+
+    Upstream: host/basic_host.py:534-538 strips the last ``/p2p/`` of every
+    announced address and appends our own, so a circuit address given through
+    ``new_host(addrs_factory=...)`` or ``announce_addrs`` turns into
+    relay-address + our ID. Identify and signed peer records are built from
+    ``get_addrs()``, so overriding it on the instance is what reaches peers.
+    An empty ``addrs()`` falls back to the upstream behaviour.
+    """
+    original = host.get_addrs
+
+    def get_addrs() -> list[multiaddr.Multiaddr]:
+        ours = [multiaddr.Multiaddr(text) for text in addrs()]
+        return ours or original()
+
+    host.get_addrs = get_addrs  # type: ignore[method-assign]
+
+
+# (e) stream_muxer/yamux/yamux.py:280-288: YamuxStream.write waits at most 5 s
+# (trio.move_on_after(5.0)) for a window update, then raises MuxedStreamError and
+# the stream is reset. Through a relay the relay's write to a slow reader's stream
+# hits this, so a reader that pauses >5 s (paused terminal, slow disk) kills the
+# circuit. We hand yamux a ``trio`` whose move_on_after(5.0), called from
+# YamuxStream.write only, has no deadline: the wait still polls ``closed`` every
+# 10 ms and is still cancellable by the caller's scope.
+class _YamuxTrio(ModuleType):
+    """``trio`` as seen by yamux.py, minus the 5 s window-update deadline."""
+
+    def __init__(self) -> None:
+        super().__init__("trio")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(trio, name)
+
+    @staticmethod
+    def move_on_after(seconds: float, *, shield: bool = False) -> trio.CancelScope:
+        caller = sys._getframe(1).f_code
+        if seconds == YAMUX_WINDOW_WAIT and caller.co_name == "write":
+            return trio.CancelScope(shield=shield)
+        return trio.move_on_after(seconds, shield=shield)
+
+
+#: The hard-coded wait at stream_muxer/yamux/yamux.py:280.
+YAMUX_WINDOW_WAIT = 5.0
+
+
+def unbounded_yamux_window_wait() -> None:
+    """(e) Let a yamux writer wait for a slow reader's window update without the 5 s cap."""
+    from libp2p.stream_muxer.yamux import yamux
+
+    if not isinstance(yamux.trio, _YamuxTrio):
+        yamux.trio = _YamuxTrio()  # type: ignore[assignment]
+
+
+def yamux_window_wait_patched() -> bool:
+    from libp2p.stream_muxer.yamux import yamux
+
+    return isinstance(yamux.trio, _YamuxTrio)
+
+
+# (f) Shutdown: leaving host.run() does not close the TCP listener (the cleanup
+# in network/swarm.py:420-466 runs in a cancelled scope; the listener is a system
+# task, transport/tcp/tcp.py:303), so the port keeps accepting. Calling
+# host.close() inside the run() block closes it (~200 ms: a fixed sleep in
+# network/connection/swarm_connection.py:218). Used by node.open_libp2p_node.
+async def close_host(host: IHost) -> None:
+    """(f) Close ``host`` so its listening ports are released; call inside ``host.run()``."""
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        await host.close()
+
+
+class _DemoteNoise(logging.Filter):
+    """(g) Demote known-harmless upstream log records to DEBUG.
+
+    Upstream: relay/circuit_v2/protocol.py:351 logs an ERROR "Error reading from
+    hop stream" after every RESERVE (the client closes the stream, as the spec
+    says), and protocol.py:291/385/959 log ERRORs when a circuit ends by reset;
+    kad_dht/kad_dht.py:661 logs a WARNING "Failed to read DHT message" on every
+    DHT stream the peer closes; kad_dht/peer_routing.py:380 warns on every lookup
+    of a peer that has only circuit addresses.
+    """
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self._prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and isinstance(record.msg, str) and record.msg.startswith(self._prefixes):
+            record.levelno = logging.DEBUG
+            record.levelname = "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_NOISE = {
+    # protocol.py:351 after every RESERVE; 291, 385, 959 when a circuit ends by reset.
+    "libp2p.relay.circuit_v2.protocol": (
+        "Error reading from hop stream",
+        "Unexpected error reading from stream",
+        "Unexpected error handling hop stream",
+        "Error sending status message",
+    ),
+    "libp2p.kad_dht.kad_dht": ("Failed to read DHT message",),
+    # peer_routing.py:380: find_peer also queries the target, whose only
+    # addresses are circuits the swarm cannot dial (pitfalls 1 and 7).
+    "libp2p.kad_dht.peer_routing": ("Failed to open stream to",),
+}
+
+
+def quiet_known_noise() -> None:
+    """(g) Install the log filters above (idempotent)."""
+    for name, prefixes in _NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DemoteNoise) for f in logger.filters):
+            logger.addFilter(_DemoteNoise(prefixes))
+
+
+def apply_global_workarounds() -> None:
+    """Apply the process-wide workarounds (a), (e), (g). Idempotent; called at plugin load."""
+    use_private_dht_protocol()
+    unbounded_yamux_window_wait()
+    quiet_known_noise()
+
+
+__all__ = [
+    "PEERUP_KAD_PROTOCOL",
+    "advertise_addrs",
+    "apply_global_workarounds",
+    "close_host",
+    "connection_config",
+    "kad_protocol_in_use",
+    "quiet_known_noise",
+    "release_reservations_on_disconnect",
+    "unbounded_yamux_window_wait",
+    "use_private_dht_protocol",
+    "yamux_window_wait_patched",
+]

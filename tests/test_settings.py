@@ -1,0 +1,91 @@
+"""Settings layering and the one-line errors a user sees for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peerup.core.errors import ConfigError
+from peerup.core.settings import load_settings
+
+
+def write(home: Path, text: str) -> None:
+    (home / "config.toml").write_text(text)
+
+
+def test_defaults_are_the_seed_numbers(home: Path) -> None:
+    settings = load_settings(home)
+    assert settings.timeouts.local_dial == 10
+    assert settings.timeouts.service_stream == 30
+    assert settings.timeouts.idle is None
+    assert (settings.retry.initial, settings.retry.multiplier, settings.retry.max_delay) == (1, 2, 60)
+    assert settings.retry.retries == 3
+    assert settings.home == home
+
+
+def test_file_then_environment_then_flags(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(home, "[retry]\nretries = 5\n[timeouts]\nlocal_dial = 4\n")
+    assert load_settings(home).retry.retries == 5
+    monkeypatch.setenv("PEERUP_RETRY__RETRIES", "7")
+    settings = load_settings(home)
+    assert settings.retry.retries == 7
+    assert settings.timeouts.local_dial == 4  # the file still counts for what env does not set
+    assert load_settings(home, retry={"retries": 9}).retry.retries == 9
+
+
+def test_home_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEERUP_HOME", str(tmp_path))
+    write(tmp_path, "log_level = 'debug'\n")
+    settings = load_settings()
+    assert settings.home == tmp_path
+    assert settings.log_level == "debug"
+
+
+def test_per_service_timeouts_override_globals(home: Path) -> None:
+    write(
+        home,
+        '[services.ssh]\naddress = "127.0.0.1:22"\nlocal_dial_timeout = 3\n'
+        '[services.web]\naddress = "localhost:8080"\n',
+    )
+    settings = load_settings(home)
+    ssh, web = settings.services["ssh"], settings.services["web"]
+    assert settings.local_dial_timeout(ssh) == 3
+    assert settings.local_dial_timeout(web) == 10
+    assert settings.service_stream_timeout(ssh) == 30
+    assert (ssh.host, ssh.port, ssh.protocol) == ("127.0.0.1", 22, "/peerup/service/ssh/1.0.0")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[timeouts]\nlocal_dial = 'soon'\n", "timeouts.local_dial: Input should be a valid number"),
+        ("[timeouts]\nlocal_dial = -1\n", "timeouts.local_dial: Input should be greater than 0"),
+        ("[services.ssh]\naddress = '127.0.0.1'\n", "services.ssh.address: '127.0.0.1': expected HOST:PORT"),
+        ("[services.SSH]\naddress = '127.0.0.1:22'\n", "service name 'SSH'"),
+        ("retires = 3\n", "retires: Extra inputs are not permitted"),
+        ("log_level = 'loud'\n", "log_level: expected one of debug, info"),
+        ("[timeouts\n", "not valid TOML"),
+    ],
+)
+def test_bad_file_is_one_line_naming_file_and_field(home: Path, text: str, expected: str) -> None:
+    write(home, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(home)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(home / "config.toml"))
+    assert expected in message
+
+
+def test_bad_environment_value_names_the_variable(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEERUP_RETRY__RETRIES", "many")
+    with pytest.raises(ConfigError, match=r"^environment variable PEERUP_RETRY__RETRIES: retry.retries: "):
+        load_settings(home)
+
+
+def test_friendly_peer_names(home: Path) -> None:
+    write(home, '[peers]\nhome = "12D3KooWExample"\n')
+    settings = load_settings(home)
+    assert settings.resolve_peer("home") == "12D3KooWExample"
+    assert settings.resolve_peer("12D3KooWOther") == "12D3KooWOther"
