@@ -244,9 +244,9 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_whoami(args: argparse.Namespace, settings: Settings) -> int:
-    from peerup.plugins.libp2p.identity import peer_id_of
+    from peerup.plugins.libp2p.identity import load_identity, peer_id_of
 
-    _out(peer_id_of(settings.home))
+    _out(peer_id_of(load_identity(settings.home)))
     return 0
 
 

@@ -71,7 +71,7 @@ async def relay_and_server(tmp_path: Path) -> AsyncIterator[tuple[Libp2pNode, Li
 @pytest.mark.anyio
 async def test_client_finds_server_in_dht_and_talks_through_relay(tmp_path: Path) -> None:
     with anyio.fail_after(10):
-        async with relay_and_server(tmp_path) as (relay, server, relay_addr):
+        async with relay_and_server(tmp_path) as (_relay, server, relay_addr):
             settings = node_settings(tmp_path / "client", relay_addr)
             async with open_libp2p_node(settings, "node") as client:
                 assert isinstance(client, Node)
@@ -105,15 +105,16 @@ async def test_discover_unknown_peer_returns_none_and_dial_says_unreachable(tmp_
     from peerup.core.node import PeerRecord
 
     with anyio.fail_after(10):
-        async with relay_and_server(tmp_path) as (relay, server, relay_addr):
+        async with relay_and_server(tmp_path) as (_relay, _server, relay_addr):
             settings = Settings(home=tmp_path / "client", listen=[LOCAL])
             create_identity(settings.home)
             async with open_libp2p_node(settings, "node") as client:
                 stranger = "12D3KooWAyAYZEq16AqHpcvM8dFS7fToSQPMjdmvrZ8j5VRiokqW"
                 assert await plugin.discover_peer(client, stranger, settings) is None
                 with pytest.raises(PeerUnreachable, match="no address worked"):
-                    await plugin.dial(client, PeerRecord(stranger, (f"{relay_addr}/p2p-circuit/p2p/{stranger}",)),
-                                      ECHO, settings)
+                    await plugin.dial(
+                        client, PeerRecord(stranger, (f"{relay_addr}/p2p-circuit/p2p/{stranger}",)), ECHO, settings
+                    )
                 with pytest.raises(ValueError, match="not a peer ID"):
                     client.parse_peer_id("hello")
 

@@ -28,8 +28,9 @@ from peerup.plugins.libp2p.node import Libp2pNode, open_libp2p_node
 
 LOCAL = "/ip4/127.0.0.1/tcp/0"
 SLOW = "/peerup/test-slow-reader/1.0.0"
-#: Far more than the 256 KiB initial yamux window on each hop.
-SLOW_PAYLOAD = 2 * 1024 * 1024
+#: Enough to exhaust every window and buffer on the relayed path (2 MiB is not:
+#: it all fits in flight, so nothing waits; 16 MiB without the workaround fails at 5 s).
+SLOW_PAYLOAD = 16 * 1024 * 1024
 
 
 @pytest.fixture

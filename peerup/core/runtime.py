@@ -242,7 +242,9 @@ class Runtime:
                 await self._refuse(stream, "timeout", f"local service {target} did not answer within {timeout:g} s")
                 return
             except OSError as exc:
-                reason = exc.strerror or str(exc)
+                # anyio wraps per-address failures; the first cause says why (refused, unreachable).
+                cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+                reason = cause.strerror or str(cause)
                 await self._refuse(stream, "refused", f"local service {target} refused the connection ({reason})")
                 return
             log.info("%s: stream from %s connected to %s", service.name, short(remote_peer), target)

@@ -71,7 +71,7 @@ async def dial(node: Node, peer: PeerRecord, protocol: str, settings: Settings) 
 def _known_addrs(node: Libp2pNode, peer: ID) -> list[str]:
     try:
         addrs = node.host.get_peerstore().addrs(peer)
-    except Exception:  # PeerStoreError: never heard of it
+    except Exception:  # noqa: BLE001 - PeerStoreError and friends: never heard of it
         return []
     suffix = f"/p2p/{peer.to_base58()}"
     out = []

@@ -8,6 +8,7 @@ expects ``EndOfStream`` and ``BrokenResourceError``. Half-close maps to
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,7 +37,7 @@ def stream_path(stream: INetStream) -> str:
         try:
             if conn.get_connection_type() == ConnectionType.RELAYED:
                 return "relayed"
-        except Exception:  # noqa: S112 - best effort: some conns lack transport info
+        except Exception:  # noqa: BLE001 - best effort: some conns lack transport info
             continue
     return "relayed" if "/p2p-circuit" in stream_remote_address(stream) else "direct"
 
@@ -46,13 +47,13 @@ def stream_remote_address(stream: INetStream) -> str:
     conn = _conn_of(stream)
     try:
         addrs = conn.get_transport_addresses() if conn is not None else []
-    except Exception:
+    except Exception:  # noqa: BLE001 - best effort, for logs only
         addrs = []
     if addrs:
         return str(addrs[0])
     try:
         remote = stream.get_remote_address()
-    except Exception:
+    except Exception:  # noqa: BLE001 - best effort, for logs only
         remote = None
     if remote is None:
         return ""
@@ -101,7 +102,7 @@ class Libp2pByteStream(ByteStream):
             return
         self._eof_sent = True
         try:
-            await self._stream.close_write()
+            await self._stream.close_write()  # type: ignore[attr-defined]
         except (StreamError, MuxedStreamError, OSError) as exc:
             raise anyio.BrokenResourceError(f"peer stream broken: {exc or exc.__class__.__name__}") from exc
 
@@ -111,13 +112,10 @@ class Libp2pByteStream(ByteStream):
         self._closed = True
         try:
             await self._stream.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure: fall back to reset
             # Already reset or the connection is gone: nothing left to flush.
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._stream.reset()
-                except Exception:  # noqa: S110 - the stream is unusable either way
-                    pass
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._stream.reset()
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:

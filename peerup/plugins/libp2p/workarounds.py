@@ -13,6 +13,7 @@ loaded. Per-host ones are small helpers called by :mod:`.node`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.relay.circuit_v2.resources import RelayResourceManager
 
@@ -51,20 +53,15 @@ def use_private_dht_protocol(protocol: str = PEERUP_KAD_PROTOCOL) -> None:
     kad_dht.py:69, peer_routing.py:31, provider_store.py:44, value_store.py:35,
     and ``protocol_prefix=`` does not reach the wire. Idempotent.
     """
-    from libp2p.custom_types import TProtocol
-
-    import importlib
-
     for name in _KAD_MODULES:
-        module = importlib.import_module(name)
-        module.PROTOCOL_ID = TProtocol(protocol)  # type: ignore[attr-defined]
+        setattr(importlib.import_module(name), "PROTOCOL_ID", TProtocol(protocol))  # noqa: B010
 
 
 def kad_protocol_in_use() -> str:
     """The KAD protocol id the kad_dht package will put on the wire now."""
     from libp2p.kad_dht import kad_dht
 
-    return str(kad_dht.PROTOCOL_ID)
+    return str(getattr(kad_dht, "PROTOCOL_ID"))  # noqa: B009 - not re-exported for mypy
 
 
 # (b) network/swarm.py:934-937: host.connect() waits a fixed 250 ms
@@ -157,7 +154,9 @@ class _YamuxTrio(ModuleType):
         caller = sys._getframe(1).f_code
         if seconds == YAMUX_WINDOW_WAIT and caller.co_name == "write":
             return trio.CancelScope(shield=shield)
-        return trio.move_on_after(seconds, shield=shield)
+        scope = trio.move_on_after(seconds)
+        scope.shield = shield
+        return scope
 
 
 #: The hard-coded wait at stream_muxer/yamux/yamux.py:280.
@@ -168,14 +167,14 @@ def unbounded_yamux_window_wait() -> None:
     """(e) Let a yamux writer wait for a slow reader's window update without the 5 s cap."""
     from libp2p.stream_muxer.yamux import yamux
 
-    if not isinstance(yamux.trio, _YamuxTrio):
-        yamux.trio = _YamuxTrio()  # type: ignore[assignment]
+    if not isinstance(getattr(yamux, "trio"), _YamuxTrio):  # noqa: B009
+        setattr(yamux, "trio", _YamuxTrio())  # noqa: B010 - not re-exported for mypy
 
 
 def yamux_window_wait_patched() -> bool:
     from libp2p.stream_muxer.yamux import yamux
 
-    return isinstance(yamux.trio, _YamuxTrio)
+    return isinstance(getattr(yamux, "trio"), _YamuxTrio)  # noqa: B009
 
 
 # (f) Shutdown: leaving host.run() does not close the TCP listener (the cleanup

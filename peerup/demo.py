@@ -1,0 +1,187 @@
+"""The README's demo: relay, serving node and proxy on 127.0.0.1, as real processes.
+
+Each part is the real ``peerup`` command in its own process with its own home,
+exactly as a user would start them on three machines; only the addresses are
+local. A small HTTP server stands in for the service being reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.server
+import os
+import re
+import signal
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+PEERUP = [sys.executable, "-m", "peerup"]
+
+
+class Proc:
+    """A child ``peerup`` whose stdout/stderr lines are collected as they arrive."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self.popen = subprocess.Popen(
+            [*PEERUP, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+        )
+        for stream, sink in ((self.popen.stdout, self.lines), (self.popen.stderr, self.errors)):
+            threading.Thread(target=self._collect, args=(stream, sink), daemon=True).start()
+
+    @staticmethod
+    def _collect(stream: object, sink: list[str]) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            sink.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, stderr: bool = False) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.errors if stderr else self.lines):
+                match = regex.search(line)
+                if match:
+                    return match
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = "\n".join(self.errors[-10:])
+        raise SystemExit(f"demo: {self.name} did not print /{pattern}/ (exit {self.popen.poll()}):\n{tail}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+@contextlib.contextmanager
+def web_service(root: Path) -> Iterator[int]:
+    """A real HTTP server on 127.0.0.1: the 'service behind NAT' of the demo."""
+    (root / "index.html").write_text("<h1>hello from the machine behind NAT</h1>\n")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(root), **kwargs)  # type: ignore[arg-type]
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Quiet) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield int(server.server_address[1])
+        finally:
+            server.shutdown()
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def run(keep: bool) -> int:
+    procs: list[Proc] = []
+    with tempfile.TemporaryDirectory(prefix="peerup-demo-") as tmp, web_service(Path(tmp)) as web_port:
+        homes = {name: Path(tmp) / name for name in ("relay", "home", "laptop")}
+        for home in homes.values():
+            subprocess.run([*PEERUP, "--home", str(home), "init"], check=True, capture_output=True)
+        try:
+            say("relay: peerup relay serve (circuit relay v2 + DHT bootstrap, default port 7777)")
+            relay = Proc("relay", ["--home", str(homes["relay"]), "relay", "serve"])
+            procs.append(relay)
+            relay_addr = relay.wait_for(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\S+)").group(1)
+            print(f"relay address: {relay_addr}")
+
+            say(f"home: peerup serve --service web=127.0.0.1:{web_port} --relay <relay>")
+            server = Proc(
+                "serve",
+                [
+                    "--home",
+                    str(homes["home"]),
+                    "-v",
+                    "serve",
+                    "--service",
+                    f"web=127.0.0.1:{web_port}",
+                    "--relay",
+                    relay_addr,
+                ],
+            )
+            procs.append(server)
+            peer_id = server.wait_for(r"^peer (\S+)").group(1)
+            server.wait_for(r"reachable at (\S+p2p-circuit\S+)")
+            print(f"serving node {peer_id} holds a slot on the relay")
+
+            say("laptop: peerup proxy <peer> web 0 --relay <relay>")
+            proxy = Proc(
+                "proxy",
+                ["--home", str(homes["laptop"]), "-v", "proxy", peer_id, "web", "0", "--relay", relay_addr],
+            )
+            procs.append(proxy)
+            port = int(proxy.wait_for(r"forwarding 127\.0\.0\.1:(\d+)").group(1))
+            print(f"local port {port} now leads to 'web' on {peer_id[:12]}…")
+
+            say(f"GET http://127.0.0.1:{port}/ through the tunnel")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as response:
+                body = response.read().decode()
+            print(f"HTTP {response.status}: {body.strip()}")
+            path = proxy.wait_for(r"connection from .* (\w+) path", stderr=True).group(1)
+            print(f"path taken: {path}")
+
+            say("peerup ping <peer> -c 3")
+            ping = subprocess.run(
+                [
+                    *PEERUP,
+                    "--home",
+                    str(homes["laptop"]),
+                    "ping",
+                    peer_id,
+                    "-c",
+                    "3",
+                    "--interval",
+                    "0.2",
+                    "--relay",
+                    relay_addr,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            print(ping.stdout.strip() or ping.stderr.strip())
+            if keep:
+                say("running until Ctrl-C (--keep)")
+                with contextlib.suppress(KeyboardInterrupt):
+                    while all(p.popen.poll() is None for p in procs):
+                        time.sleep(0.5)
+            ok = "hello from the machine behind NAT" in body and ping.returncode == 0
+            say("demo " + ("succeeded" if ok else "FAILED"))
+            return 0 if ok else 1
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m peerup.demo", description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
+    args = parser.parse_args()
+    os.environ.pop("PEERUP_HOME", None)
+    sys.exit(run(args.keep))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The built-in libp2p transport plugin (hooks in :mod:`.plugin`, quirks in :mod:`.workarounds`)."""
