@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--service",
         action="append",
         default=[],
+        dest="expose",
         metavar="NAME=HOST:PORT",
         help="expose a local TCP service (repeatable; adds to [services] in the config)",
     )
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--service",
         action="append",
         default=[],
+        dest="expose",
         metavar="NAME=HOST:PORT",
         help="expose a local TCP service (repeatable)",
     )
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--proxy",
         action="append",
         default=[],
+        dest="forward",
         metavar="PEER:SERVICE:PORT",
         help="forward 127.0.0.1:PORT to SERVICE on PEER (repeatable)",
     )
@@ -196,13 +199,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         base = load_settings(args.home)
         flags["relay"] = {**base.relay.model_dump(), **flags["relay"]}
     settings = load_settings(args.home, **flags)
-    for text in getattr(args, "service", []):
+    for text in getattr(args, "expose", []):
         name, address = parse_service_flag(text)
         try:
             settings.services[name] = ServiceSettings(name=name, address=address)
         except ValidationError as exc:
             raise ConfigError(f"--service {text!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from exc
-    for text in getattr(args, "proxy", []):
+    for text in getattr(args, "forward", []):
         peer, service, port = [*text.rsplit(":", 2), "", ""][:3]
         if not peer or not service or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"--proxy {text!r}: expected PEER:SERVICE:PORT, e.g. home:ssh:2222")

@@ -170,6 +170,12 @@ def run(keep: bool) -> int:
             ok = "hello from the machine behind NAT" in body and ping.returncode == 0
             say("demo " + ("succeeded" if ok else "FAILED"))
             return 0 if ok else 1
+        except (OSError, SystemExit) as exc:
+            say(f"demo FAILED: {exc}")
+            for proc in procs:
+                print(f"-- last log lines of {proc.name}:")
+                print("\n".join(proc.errors[-15:]))
+            return 1
         finally:
             for proc in reversed(procs):
                 proc.stop()

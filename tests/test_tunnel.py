@@ -16,8 +16,8 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.abc import SocketStream
-
 from harness import client_node, echo_handler, free_port, read_all, relay, serving_node, tcp_service
+
 from peerup.core.errors import ConfigError, RetriesExhausted, ServiceError
 from peerup.core.node import Node, PeerAttribute
 from peerup.core.runtime import Runtime
@@ -28,13 +28,25 @@ pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
 
 
+def retry_delays(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The delays the core announced ("retrying in 0.4 s"), in order."""
+    return [
+        record.getMessage().rsplit("retrying in ", 1)[1] for record in caplog.records if record.name == "peerup.retry"
+    ]
+
+
 @asynccontextmanager
 async def tunnel(tmp_path: Path, service_addr: str) -> AsyncIterator[tuple[int, Runtime, Node]]:
     """relay + server exposing ``svc`` at service_addr + client proxy; yields the local port."""
-    async with relay(tmp_path) as relay_addr, serving_node(tmp_path, relay_addr, {"svc": service_addr}) as (
-        _,
-        server,
-    ), client_node(tmp_path, relay_addr) as (runtime, client), anyio.create_task_group() as tg:
+    async with (
+        relay(tmp_path) as relay_addr,
+        serving_node(tmp_path, relay_addr, {"svc": service_addr}) as (
+            _,
+            server,
+        ),
+        client_node(tmp_path, relay_addr) as (runtime, client),
+        anyio.create_task_group() as tg,
+    ):
         proxy = ProxySettings(peer=server.peer_id, service="svc", port=0)
         port = await tg.start(runtime.serve_proxy, client, proxy, tg)
         yield port, runtime, client
@@ -61,7 +73,7 @@ async def test_bulk_both_directions_is_byte_exact_through_the_relay(tmp_path: Pa
                 received_by_service.update(chunk)
             service_got.set()
 
-    async with tcp_service(service) as addr, tunnel(tmp_path, addr) as (port, runtime, client):
+    async with tcp_service(service) as addr, tunnel(tmp_path, addr) as (port, _, _):
         received_by_client = hashlib.sha256()
         with anyio.fail_after(120):
             stream = await anyio.connect_tcp("127.0.0.1", port)
@@ -139,10 +151,14 @@ async def test_paused_reader_for_ten_seconds_does_not_kill_a_relayed_tunnel(tmp_
 
 async def test_service_down_gives_the_client_a_clear_error(tmp_path: Path) -> None:
     dead = f"127.0.0.1:{free_port()}"
-    async with relay(tmp_path) as relay_addr, serving_node(tmp_path, relay_addr, {"svc": dead}) as (
-        _,
-        server,
-    ), client_node(tmp_path, relay_addr) as (runtime, client):
+    async with (
+        relay(tmp_path) as relay_addr,
+        serving_node(tmp_path, relay_addr, {"svc": dead}) as (
+            _,
+            server,
+        ),
+        client_node(tmp_path, relay_addr) as (runtime, client),
+    ):
         with anyio.fail_after(20), pytest.raises(ServiceError) as info:
             await runtime.open_service_stream(client, server.peer_id, "svc")
     assert info.value.code == "refused"
@@ -150,9 +166,12 @@ async def test_service_down_gives_the_client_a_clear_error(tmp_path: Path) -> No
 
 
 async def test_unknown_service_is_named(tmp_path: Path) -> None:
-    async with tcp_service(echo_handler) as addr, relay(tmp_path) as relay_addr, serving_node(
-        tmp_path, relay_addr, {"svc": addr}
-    ) as (_, server), client_node(tmp_path, relay_addr) as (runtime, client):
+    async with (
+        tcp_service(echo_handler) as addr,
+        relay(tmp_path) as relay_addr,
+        serving_node(tmp_path, relay_addr, {"svc": addr}) as (_, server),
+        client_node(tmp_path, relay_addr) as (runtime, client),
+    ):
         with anyio.fail_after(20), pytest.raises(ServiceError) as info:
             await runtime.open_service_stream(client, server.peer_id, "nope")
     assert info.value.code == "unknown-service"
@@ -198,7 +217,7 @@ async def test_retries_follow_the_policy_and_reach_a_peer_that_comes_up(
                 assert stream.extra(PeerAttribute.path) == "relayed"  # type: ignore[attr-defined]
                 await stream.aclose()  # type: ignore[attr-defined]
             elapsed = anyio.current_time() - started
-    delays = [record.getMessage().rsplit("retrying in ", 1)[1] for record in caplog.records if record.name == "peerup.retry"]
+    delays = retry_delays(caplog)
     assert delays[:2] == ["0.2 s", "0.4 s"][: len(delays[:2])]
     assert 1 <= len(delays) <= 3
     assert elapsed >= 0.2
@@ -212,5 +231,5 @@ async def test_peer_never_up_gives_up_after_the_policy(tmp_path: Path, caplog: p
         async with client_node(tmp_path, relay_addr) as (runtime, client):
             with anyio.fail_after(60), pytest.raises(RetriesExhausted, match="gave up after 4 attempts"):
                 await runtime.open_service_stream(client, gone_id, "svc")
-    delays = [record.getMessage().rsplit("retrying in ", 1)[1] for record in caplog.records if record.name == "peerup.retry"]
+    delays = retry_delays(caplog)
     assert delays == ["0.2 s", "0.4 s", "0.8 s"]

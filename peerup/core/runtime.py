@@ -244,7 +244,7 @@ class Runtime:
             except OSError as exc:
                 # anyio wraps per-address failures; the first cause says why (refused, unreachable).
                 cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-                reason = cause.strerror or str(cause)
+                reason = os.strerror(cause.errno) if cause.errno else str(cause)
                 await self._refuse(stream, "refused", f"local service {target} refused the connection ({reason})")
                 return
             log.info("%s: stream from %s connected to %s", service.name, short(remote_peer), target)

@@ -27,6 +27,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.protocol_muxer.exceptions import MultiselectClientError, ProtocolNotSupportedError
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
@@ -34,7 +35,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
-from peerup.core.errors import ConfigError, PeerUnreachable
+from peerup.core.errors import ConfigError, PeerUnreachable, ProtocolNotSupported
 from peerup.core.node import PeerAttribute, StreamHandler
 from peerup.core.settings import Settings
 from peerup.plugins.libp2p import workarounds
@@ -176,6 +177,8 @@ class Libp2pNode:
         try:
             net_stream = await self.host.new_stream(peer, [TProtocol(protocol)])
         except Exception as exc:
+            if _protocol_refused(exc):
+                raise ProtocolNotSupported(f"peer {peer_id} does not speak {protocol}") from exc
             raise PeerUnreachable(f"peer {peer_id}: cannot open {protocol}: {_why(exc)}") from exc
         stream = Libp2pByteStream(net_stream, peer_id)
         log.info("stream %s to %s is %s", protocol, peer_id, stream.extra(PeerAttribute.path))
@@ -325,6 +328,7 @@ async def open_libp2p_node(
         muxer_preference="YAMUX",  # pitfall 10: mplex fails over a circuit
         connection_config=workarounds.connection_config(),
     )
+    workarounds.disable_auto_dial(host)
     if role == "relay":
         protocol = CircuitV2Protocol(host, limits=_relay_limits(settings), allow_hop=True)
         dht = KadDHT(host, DHTMode.SERVER)
@@ -359,3 +363,21 @@ async def open_libp2p_node(
                     nursery.cancel_scope.cancel()
         finally:
             await workarounds.close_host(host)
+
+
+def _protocol_refused(exc: BaseException) -> bool:
+    """Did the peer answer "na" to our protocol, rather than fail to answer?
+
+    multiselect_client.py:98 raises a plain MultiselectClientError whose message
+    starts "protocols not supported" (the ProtocolNotSupportedError of each try is
+    folded into that text), and basic_host.py:1059 wraps it in StreamFailure; so
+    the cause chain is walked and the message read.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ProtocolNotSupportedError) or (
+            isinstance(seen, MultiselectClientError) and str(seen).startswith("protocols not supported")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

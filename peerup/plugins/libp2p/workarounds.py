@@ -72,6 +72,22 @@ def connection_config() -> ConnectionConfig:
     return ConnectionConfig(max_connections_per_peer=1)
 
 
+# (h) network/auto_connector.py:270-330 and swarm.py:395, 2753: the swarm keeps
+# dialing peers from its peerstore until it holds ~150 connections (the midpoint
+# of its watermarks), on a timer and after every disconnect, logging at INFO each
+# cycle. A peerup node wants exactly the connections it asked for (its relays and
+# the peers it proxies to); dialing every peer the DHT mentioned would also reach
+# out to NATed addresses for nothing. Zero watermarks do not help: the pruner
+# reads the same numbers. So this node's auto-connector is made a no-op.
+def disable_auto_dial(host: IHost) -> None:
+    """(h) Stop the swarm from dialing peerstore peers on its own."""
+
+    async def no_auto_dial() -> None:
+        return None
+
+    host.get_network().auto_connector.maybe_connect = no_auto_dial  # type: ignore[attr-defined]
+
+
 class _ReleaseReservationOnDisconnect(INotifee):
     """(c) Frees a peer's relay reservation once its last connection closes.
 
@@ -223,6 +239,9 @@ _NOISE = {
     # peer_routing.py:380: find_peer also queries the target, whose only
     # addresses are circuits the swarm cannot dial (pitfalls 1 and 7).
     "libp2p.kad_dht.peer_routing": ("Failed to open stream to",),
+    # host/basic_host.py:1048 logs an 8-line ERROR for every refused protocol; the
+    # plugin raises it as one line (ProtocolNotSupported / PeerUnreachable) instead.
+    "libp2p.host.basic_host": ("Failed to open stream to peer",),
 }
 
 
@@ -247,6 +266,7 @@ __all__ = [
     "apply_global_workarounds",
     "close_host",
     "connection_config",
+    "disable_auto_dial",
     "kad_protocol_in_use",
     "quiet_known_noise",
     "release_reservations_on_disconnect",
