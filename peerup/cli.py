@@ -146,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(run)
 
+    auth = sub.add_parser("auth", help="manage the peers allowed to use this node's services")
+    auth_sub = auth.add_subparsers(dest="auth_command", metavar="COMMAND", parser_class=_Parser)
+    auth_add = auth_sub.add_parser("add", help="authorize a peer (takes effect on a running node)")
+    auth_add.add_argument("peer", help="peer ID, or a name from [peers]")
+    auth_add.add_argument("--comment", default="", help="a note kept after the ID, e.g. the machine's name")
+    auth_sub.add_parser("list", help="list authorized peers")
+    auth_remove = auth_sub.add_parser("remove", help="revoke a peer (open connections are not cut)")
+    auth_remove.add_argument("peer", help="peer ID, or a name from [peers]")
+
     plugins = sub.add_parser("plugins", help="list installed plugins and whether they are active")
     _common(plugins, node=False)
 
@@ -251,6 +260,39 @@ def cmd_whoami(args: argparse.Namespace, settings: Settings) -> int:
 
     _out(peer_id_of(load_identity(settings.home)))
     return 0
+
+
+def cmd_auth(args: argparse.Namespace, settings: Settings) -> int:
+    from peerup.core import auth
+    from peerup.plugins.libp2p.node import parse_peer_id
+
+    path = settings.authorized_keys_file
+    if args.auth_command == "list":
+        keys = auth.AuthorizedKeys(path, parse_peer_id)
+        keys.refresh()  # logs each malformed line with its number
+        names = {peer_id: name for name, peer_id in settings.peers.items()}
+        for entry in keys.entries:
+            label = f"  ({names[entry.peer_id]})" if entry.peer_id in names else ""
+            _out(f"{entry.peer_id}  {entry.comment}{label}".rstrip())
+        if not keys.entries:
+            print(f"no authorized peers in {path}", file=sys.stderr)
+        return 0
+    text = settings.resolve_peer(args.peer)
+    try:
+        peer_id = parse_peer_id(text)
+    except ValueError as exc:
+        raise ConfigError(f"{args.peer!r} is neither a name in [peers] nor a valid peer ID: {exc}") from exc
+    if args.auth_command == "add":
+        if auth.add(path, peer_id, args.comment, parse_peer_id):
+            _out(f"authorized {peer_id}")
+        else:
+            _out(f"{peer_id} was already authorized")
+        return 0
+    if auth.remove(path, peer_id, parse_peer_id):
+        _out(f"removed {peer_id}")
+        return 0
+    print(f"peerup: {peer_id} was not in {path}", file=sys.stderr)
+    return 1
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -398,6 +440,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, setting
         return cmd_config(args, settings)
     if command == "plugins":
         return cmd_plugins(args, settings)
+    if command == "auth":
+        if args.auth_command is None:
+            parser.parse_args(["auth", "--help"])
+        return cmd_auth(args, settings)
     if command == "relay":
         if args.relay_command is None:
             parser.parse_args(["relay", "--help"])

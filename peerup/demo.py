@@ -99,6 +99,17 @@ def run(keep: bool) -> int:
         homes = {name: Path(tmp) / name for name in ("relay", "home", "laptop")}
         for home in homes.values():
             subprocess.run([*PEERUP, "--home", str(home), "init"], check=True, capture_output=True)
+        laptop_id = subprocess.run(
+            [*PEERUP, "--home", str(homes["laptop"]), "whoami"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        say("home: peerup auth add <laptop's peer ID>  (only authorized peers reach services)")
+        added = subprocess.run(
+            [*PEERUP, "--home", str(homes["home"]), "auth", "add", laptop_id, "--comment", "laptop"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        print(added.stdout.strip())
         try:
             say("relay: peerup relay serve (circuit relay v2 + DHT bootstrap, default port 7777)")
             relay = Proc("relay", ["--home", str(homes["relay"]), "relay", "serve"])

@@ -34,9 +34,9 @@ def make_settings(home: Path, **values: Any) -> Settings:
 
 
 @asynccontextmanager
-async def relay(tmp_path: Path, listen: str = LOCAL) -> AsyncIterator[str]:
-    """A relay + DHT bootstrap node; yields its dialable address."""
-    settings = make_settings(tmp_path / "relay", relay={"listen": [listen]})
+async def relay(tmp_path: Path, listen: str = LOCAL, **limits: Any) -> AsyncIterator[str]:
+    """A relay + DHT bootstrap node; yields its dialable address. ``limits``: [relay] settings."""
+    settings = make_settings(tmp_path / "relay", relay={"listen": [listen], **limits})
     runtime = Runtime(settings, load_plugins())
     async with runtime.node("relay") as node:
         yield node.listen_addrs()[0]
@@ -44,9 +44,24 @@ async def relay(tmp_path: Path, listen: str = LOCAL) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def serving_node(
-    tmp_path: Path, relay_addr: str, services: dict[str, str], name: str = "server", **values: Any
+    tmp_path: Path,
+    relay_addr: str,
+    services: dict[str, str],
+    name: str = "server",
+    authorized: list[str] | None = None,
+    **values: Any,
 ) -> AsyncIterator[tuple[Runtime, Node]]:
-    """A node exposing ``services`` (name -> host:port) and holding a relay slot."""
+    """A node exposing ``services`` (name -> host:port) and holding a relay slot.
+
+    ``authorized`` is written to its authorized_keys; ``None`` serves any peer
+    (``auth.allow_all``), for tests about the tunnel rather than about who may use it.
+    """
+    if authorized is not None:
+        keys = tmp_path / name / "authorized_keys"
+        keys.parent.mkdir(parents=True, exist_ok=True)
+        keys.write_text("".join(f"{peer}\n" for peer in authorized))
+    else:
+        values.setdefault("auth", {"allow_all": True})
     settings = make_settings(
         tmp_path / name,
         relays=[relay_addr],
@@ -111,3 +126,156 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# -- additions for the reliability tests (tests/test_faults.py, test_soak.py, ...) --------
+
+
+@asynccontextmanager
+async def relay_node(tmp_path: Path, listen: str = LOCAL, **relay_limits: Any) -> AsyncIterator[tuple[str, Node]]:
+    """Like :func:`relay`, with relay limits (``circuit_duration=...``) and the node itself."""
+    settings = make_settings(tmp_path / "relay", relay={"listen": [listen], **relay_limits})
+    runtime = Runtime(settings, load_plugins())
+    async with runtime.node("relay") as node:
+        yield node.listen_addrs()[0], node
+
+
+async def run_relay(
+    tmp_path: Path,
+    listen: str,
+    stop: anyio.Event,
+    *,
+    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """A relay in a task until ``stop`` is set (a relay that can be "killed" and started again)."""
+    async with relay(tmp_path, listen) as addr:
+        task_status.started(addr)
+        await stop.wait()
+
+
+@asynccontextmanager
+async def proxy_listener(runtime: Runtime, node: Node, peer: str, service: str = "svc") -> AsyncIterator[int]:
+    """``peerup proxy``'s listener in-process: yields the local port; tunnels end with it."""
+    from peerup.core.settings import ProxySettings
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(runtime.serve_proxy, node, ProxySettings(peer=peer, service=service, port=0), tg)
+        try:
+            yield port
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def echo_roundtrip(port: int, payload: bytes) -> bytes:
+    """Connect to 127.0.0.1:port, send ``payload``, half-close, read everything back."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    async with stream:
+        await stream.send(payload)
+        await stream.send_eof()
+        return await read_all(stream)
+
+
+class Cable:
+    """A TCP forwarder standing in for the network between a node and the relay.
+
+    ``cut()`` makes the peer behind it vanish without closing anything: bytes stop
+    flowing both ways and no FIN or RST is ever sent (a pulled cable, a laptop lid,
+    a NAT mapping dropped). ``yank()`` closes every socket at once, as the kernel
+    does for a process that was killed.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.connections = 0
+        self._cut = anyio.Event()
+        self._streams: list[SocketStream] = []
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def _pump(self, source: SocketStream, sink: SocketStream) -> None:
+        with anyio.CancelScope() as scope:
+            self._scopes.append(scope)
+            try:
+                async for chunk in source:
+                    await sink.send(chunk)
+                await sink.send_eof()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+
+    async def _handle(self, downstream: SocketStream) -> None:
+        if self._cut.is_set():
+            await anyio.sleep_forever()  # a black hole also swallows new connections
+        upstream = await anyio.connect_tcp(*self.target)
+        self.connections += 1
+        self._streams += [downstream, upstream]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._pump, downstream, upstream)
+            tg.start_soon(self._pump, upstream, downstream)
+        # Both directions ended (not cut): close like a forwarder would.
+        if not self._cut.is_set():
+            await upstream.aclose()
+            await downstream.aclose()
+        else:
+            await anyio.sleep_forever()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._scopes: list[anyio.CancelScope] = []
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
+        async with listener, anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started(self.port)
+            await listener.serve(self._handle, task_group=tg)
+
+    def cut(self) -> None:
+        """Stop every byte, both ways, keep every socket open."""
+        self._cut.set()
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def yank(self) -> None:
+        """Close every socket abruptly (RST), like the kernel after ``kill -9``."""
+        import socket
+        import struct
+
+        self.cut()
+        for stream in self._streams:
+            sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            await anyio.aclose_forcefully(stream)
+
+
+def open_fds() -> int:
+    """Open file descriptors of this process."""
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def trio_task_count() -> int:
+    """Tasks alive in this trio run: a walk from the root task through every nursery."""
+    import trio
+
+    count = 0
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        if task is None:
+            continue
+        count += 1
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return count
+
+
+async def settle(measure: Callable[[], int], target: int, timeout: float, slack: int = 0) -> int:
+    """Poll ``measure()`` until it is at most ``target + slack`` or ``timeout`` passes; return the last value."""
+    value = measure()
+    with anyio.move_on_after(timeout):
+        while value > target + slack:
+            await anyio.sleep(0.1)
+            value = measure()
+    return value

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import statistics
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from anyio.abc import ByteStream, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteStream
 
 from peerup.core import wire
+from peerup.core.auth import AuthorizedKeys
 from peerup.core.errors import (
     ConfigError,
     PeerNotFound,
@@ -42,6 +44,8 @@ log = logging.getLogger("peerup.runtime")
 #: Echo protocol every peerup node answers; ``peerup ping`` measures round trips on it.
 PING_PROTOCOL = "/peerup/ping/1.0.0"
 PING_SIZE = 32
+#: A repeated refusal (same peer, same reason) is logged at most this often, in seconds.
+LOG_EVERY = 60.0
 
 
 def short(peer_id: str) -> str:
@@ -76,6 +80,10 @@ class Runtime:
     def __init__(self, settings: Settings, plugins: PluginHost) -> None:
         self.settings = settings
         self.plugins = plugins
+        self._authorized_keys: AuthorizedKeys | None = None
+        self._service_allow: dict[str, frozenset[str]] = {}
+        self._streams_of: Counter[str] = Counter()
+        self._last_logged: dict[tuple[str, str], float] = {}
         self._open_tunnels = 0
         self._idle = anyio.Event()
         self._idle.set()
@@ -226,12 +234,63 @@ class Runtime:
         return self._open_tunnels == 0
 
     def expose(self, node: Node, services: dict[str, ServiceSettings]) -> None:
+        """Serve ``services`` to authorized peers; bad allowlist entries fail here, at start."""
+        auth = self.settings.auth
+        self._authorized_keys = AuthorizedKeys(self.settings.authorized_keys_file, node.parse_peer_id)
         for service in services.values():
+            if service.allow is not None:
+                self._service_allow[service.name] = frozenset(self.peer_id(node, entry) for entry in service.allow)
             node.set_stream_handler(service.protocol, partial(self._serve_stream, service))
             log.info("exposing %s (%s) as %s", service.name, service.address, service.protocol)
+        if auth.allow_all:
+            log.warning("auth.allow_all is on: any peer that finds this node can use its services")
+        elif services and not len(self._authorized_keys):
+            log.warning(
+                "no peer is authorized yet: run `peerup auth add PEER_ID` (%s); until then every stream is refused",
+                self.settings.authorized_keys_file,
+            )
+
+    def _authorized(self, service: ServiceSettings, remote_peer: str) -> bool:
+        keys = self._authorized_keys
+        if not self.settings.auth.allow_all and (keys is None or not keys.allows(remote_peer)):
+            return False
+        allow = self._service_allow.get(service.name)
+        return allow is None or remote_peer in allow
+
+    def _note(self, key: tuple[str, str], message: str) -> None:
+        """Log a refusal once a minute per (peer, reason): a flood must not flood the log."""
+        now = anyio.current_time()
+        if now - self._last_logged.get(key, -LOG_EVERY) >= LOG_EVERY:
+            self._last_logged[key] = now
+            log.warning("%s", message)
+        else:
+            log.debug("%s", message)
 
     async def _serve_stream(self, service: ServiceSettings, stream: ByteStream, remote_peer: str) -> None:
-        """An inbound service stream: dial the local service, answer, then proxy."""
+        """An inbound service stream: check the peer, dial the local service, answer, then proxy.
+
+        The check comes first: an unauthorized peer never causes a connection
+        to the local service, and its bytes are never read.
+        """
+        if not self._authorized(service, remote_peer):
+            message = f"peer {remote_peer} is not authorized for service {service.name!r}"
+            self._note((remote_peer, "unauthorized"), f"refused: {message}")
+            await self._refuse(stream, "unauthorized", message)
+            return
+        limit = self.settings.auth.max_streams_per_peer
+        if self._streams_of[remote_peer] >= limit:
+            self._note((remote_peer, "busy"), f"refused: peer {remote_peer} already holds {limit} streams")
+            await self._refuse(stream, "busy", f"too many open connections from this peer (limit {limit})")
+            return
+        self._streams_of[remote_peer] += 1
+        try:
+            await self._connect_local(service, stream, remote_peer)
+        finally:
+            self._streams_of[remote_peer] -= 1
+            if not self._streams_of[remote_peer]:
+                del self._streams_of[remote_peer]
+
+    async def _connect_local(self, service: ServiceSettings, stream: ByteStream, remote_peer: str) -> None:
         with self._tunnel():
             target = f"{service.host}:{service.port}"
             timeout = self.settings.local_dial_timeout(service)
@@ -239,13 +298,17 @@ class Runtime:
                 with anyio.fail_after(timeout):
                     local = await anyio.connect_tcp(service.host, service.port)
             except TimeoutError:
-                await self._refuse(stream, "timeout", f"local service {target} did not answer within {timeout:g} s")
+                message = f"local service {target} did not answer within {timeout:g} s"
+                log.warning("%s: %s", service.name, message)
+                await self._refuse(stream, "timeout", message)
                 return
             except OSError as exc:
                 # anyio wraps per-address failures; the first cause says why (refused, unreachable).
                 cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
                 reason = os.strerror(cause.errno) if cause.errno else str(cause)
-                await self._refuse(stream, "refused", f"local service {target} refused the connection ({reason})")
+                message = f"local service {target} refused the connection ({reason})"
+                log.warning("%s: %s", service.name, message)
+                await self._refuse(stream, "refused", message)
                 return
             log.info("%s: stream from %s connected to %s", service.name, short(remote_peer), target)
             try:
@@ -257,7 +320,6 @@ class Runtime:
             await self.carry(local, stream, service)
 
     async def _refuse(self, stream: ByteStream, code: str, message: str) -> None:
-        log.warning("refused a stream: %s", message)
         try:
             await wire.send_error(stream, code, message)
             await stream.send_eof()

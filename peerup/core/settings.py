@@ -69,6 +69,9 @@ class ServiceSettings(_Strict):
     local_dial_timeout: float | None = Field(None, gt=0)
     service_stream_timeout: float | None = Field(None, gt=0)
     idle_timeout: float | None = Field(None, gt=0)
+    allow: list[str] | None = Field(
+        None, description="peers (IDs or [peers] names) allowed to use this service; unset = all authorized peers"
+    )
 
     @field_validator("address")
     @classmethod
@@ -98,10 +101,19 @@ class ProxySettings(_Strict):
     bind: str = "127.0.0.1"
 
 
+class AuthSettings(_Strict):
+    """Who may open service streams (docs/security.md)."""
+
+    allow_all: bool = Field(False, description="DANGER: serve any peer, ignoring authorized_keys")
+    max_streams_per_peer: int = Field(64, ge=1, description="open service streams one peer may hold")
+
+
 class RelaySettings(_Strict):
     """Limits for ``peerup relay serve``; defaults suit long SSH sessions and many peers."""
 
     listen: list[str] = ["/ip4/0.0.0.0/tcp/7777"]
+    allow: list[str] = Field([], description="peer IDs allowed to reserve and open circuits; empty = anyone")
+    max_circuits: int = Field(1024, ge=1, description="relayed connections at once, all peers together")
     max_reservations: int = Field(1024, ge=1)
     max_circuits_per_peer: int = Field(64, ge=1)
     reservation_ttl: float = Field(3600.0, gt=0)
@@ -129,6 +141,10 @@ class Settings(BaseSettings):
     timeouts: Timeouts = Timeouts()
     retry: Retry = Retry()
     relay: RelaySettings = RelaySettings()
+    plugin: dict[str, dict[str, Any]] = Field(
+        {}, description="per-plugin sections, [plugin.NAME]; each plugin validates its own"
+    )
+    auth: AuthSettings = AuthSettings()
 
     @field_validator("log_level")
     @classmethod
@@ -166,6 +182,10 @@ class Settings(BaseSettings):
     @property
     def config_file(self) -> Path:
         return self.home / CONFIG_NAME
+
+    @property
+    def authorized_keys_file(self) -> Path:
+        return self.home / "authorized_keys"
 
     def service(self, name: str) -> ServiceSettings:
         return self.services[name]

@@ -15,7 +15,7 @@ from anyio.streams.buffered import BufferedByteStream
 from peerup.core.errors import PeerupError, ServiceError
 
 MAX_LINE = 1024
-CODES = frozenset({"unknown-service", "refused", "timeout", "unauthorized", "error"})
+CODES = frozenset({"unknown-service", "refused", "timeout", "unauthorized", "busy", "error"})
 
 
 async def send_ok(stream: ByteStream) -> None:

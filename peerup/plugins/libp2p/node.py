@@ -40,6 +40,7 @@ from peerup.core.node import PeerAttribute, StreamHandler
 from peerup.core.settings import Settings
 from peerup.plugins.libp2p import workarounds
 from peerup.plugins.libp2p.identity import load_identity
+from peerup.plugins.libp2p.relay_policy import RelayPolicy, apply_relay_policy, parse_allow
 from peerup.plugins.libp2p.stream import Libp2pByteStream, stream_path
 
 log = logging.getLogger("peerup.libp2p")
@@ -271,10 +272,17 @@ def relay_circuit_addr(relay_addr: str, peer_id: str) -> str:
 def parse_peer_id(text: str) -> str:
     """Validate a base58 peer ID; ``ValueError`` with a one-line reason otherwise."""
     text = text.strip()
+    hint = "expected base58 like 12D3KooW..., see `peerup whoami`"
     try:
-        return ID.from_base58(text).to_base58()
+        raw = ID.from_base58(text).to_bytes()
     except Exception as exc:
-        raise ValueError(f"{text!r} is not a peer ID (expected base58 like 12D3KooW..., see `peerup id`)") from exc
+        raise ValueError(f"{text!r} is not a peer ID ({hint})") from exc
+    # ID.from_base58 accepts any base58 text ("abc"); a peer ID is a multihash:
+    # identity (0x00, inlined public key) or sha2-256 (0x12, 32 bytes), then the
+    # digest length, then exactly that many bytes.
+    if len(raw) < 3 or raw[0] not in (0x00, 0x12) or raw[1] != len(raw) - 2 or (raw[0] == 0x12 and raw[1] != 32):
+        raise ValueError(f"{text!r} is not a peer ID ({hint})")
+    return text
 
 
 def _why(exc: BaseException) -> str:
@@ -331,6 +339,7 @@ async def open_libp2p_node(
     workarounds.disable_auto_dial(host)
     if role == "relay":
         protocol = CircuitV2Protocol(host, limits=_relay_limits(settings), allow_hop=True)
+        apply_relay_policy(protocol, RelayPolicy(parse_allow(settings.relay.allow), settings.relay.max_circuits))
         dht = KadDHT(host, DHTMode.SERVER)
         workarounds.release_reservations_on_disconnect(host, protocol.resource_manager)
     else:
