@@ -35,7 +35,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
-from peerup.core.errors import ConfigError, PeerUnreachable, ProtocolNotSupported
+from peerup.core.errors import ConfigError, PeerNotFound, PeerUnreachable, ProtocolNotSupported
 from peerup.core.node import PeerAttribute, StreamHandler
 from peerup.core.settings import Settings
 from peerup.plugins.libp2p import workarounds
@@ -44,6 +44,10 @@ from peerup.plugins.libp2p.relay_policy import RelayPolicy, apply_relay_policy, 
 from peerup.plugins.libp2p.stream import Libp2pByteStream, stream_path
 
 log = logging.getLogger("peerup.libp2p")
+
+#: transport.py:445 reports a refused circuit as "... with status 204": NO_RESERVATION,
+#: the relay has no slot for that peer (circuit v2 spec status codes).
+_NO_RESERVATION = "status 204"
 
 DelaysFactory = Callable[[], Iterator[float]]
 
@@ -173,6 +177,13 @@ class Libp2pNode:
                         break
                     tried.append(f"{addr}: {error}")
             if not self.is_connected(peer):
+                if relayed and not direct and all(_NO_RESERVATION in attempt for attempt in tried):
+                    # Every relay we asked says the peer holds no slot there: it is
+                    # not running (or uses another relay), which is "not found".
+                    raise PeerNotFound(
+                        f"peer {peer_id} not found: not in the DHT and holds no reservation on "
+                        f"{len(relayed)} relay(s) asked (is it running, with the same relay?)"
+                    )
                 detail = "; ".join(tried) if tried else "no addresses"
                 raise PeerUnreachable(f"peer {peer_id}: no address worked (tried {len(tried)}: {detail})")
         try:
