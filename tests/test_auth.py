@@ -15,12 +15,13 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 
-from harness import client_node, read_all, relay, serving_node, tcp_service
 from peerup.core import auth
 from peerup.core.errors import ServiceError
 from peerup.core.settings import ServiceSettings
 from peerup.plugins.libp2p.node import Libp2pNode, parse_peer_id
 from peerup.plugins.libp2p.stream import Libp2pByteStream
+
+from harness import client_node, read_all, relay, serving_node, tcp_service
 
 pytestmark = pytest.mark.anyio
 
@@ -118,23 +119,23 @@ async def test_service_allowlist_narrows_authorized_keys(tmp_path: Path) -> None
             mallory_rt,
             mallory,
         ),
-    ):
-        async with serving_node(tmp_path, relay_addr, {}, authorized=[alice.peer_id, mallory.peer_id]) as (
+        serving_node(tmp_path, relay_addr, {}, authorized=[alice.peer_id, mallory.peer_id]) as (
             server_rt,
             server,
-        ):
-            narrowed = {
-                "ssh": ServiceSettings(name="ssh", address=addr, allow=[alice.peer_id]),
-                "web": ServiceSettings(name="web", address=addr),
-            }
-            server_rt.expose(server, narrowed)
-            with anyio.fail_after(30):
-                stream = await mallory_rt.open_service_stream(mallory, server.peer_id, "web")
-                assert await echo_through(stream, b"web") == b"web"
-                with pytest.raises(ServiceError, match="not authorized for service 'ssh'"):
-                    await mallory_rt.open_service_stream(mallory, server.peer_id, "ssh")
-                stream = await alice_rt.open_service_stream(alice, server.peer_id, "ssh")
-                assert await echo_through(stream, b"ssh") == b"ssh"
+        ),
+    ):
+        narrowed = {
+            "ssh": ServiceSettings(name="ssh", address=addr, allow=[alice.peer_id]),
+            "web": ServiceSettings(name="web", address=addr),
+        }
+        server_rt.expose(server, narrowed)
+        with anyio.fail_after(30):
+            stream = await mallory_rt.open_service_stream(mallory, server.peer_id, "web")
+            assert await echo_through(stream, b"web") == b"web"
+            with pytest.raises(ServiceError, match="not authorized for service 'ssh'"):
+                await mallory_rt.open_service_stream(mallory, server.peer_id, "ssh")
+            stream = await alice_rt.open_service_stream(alice, server.peer_id, "ssh")
+            assert await echo_through(stream, b"ssh") == b"ssh"
     assert service.connections == 2
 
 
@@ -181,7 +182,7 @@ async def test_garbage_and_floods_do_not_take_the_node_down(tmp_path: Path) -> N
                     await sock.send_eof()
                     await read_all(sock)
             # 2. An unknown service name.
-            with pytest.raises(ServiceError, match="unknown-service|does not expose"):
+            with pytest.raises(ServiceError, match=r"does not expose a service named .nope."):
                 await alice_rt.open_service_stream(alice, server.peer_id, "nope")
             # 3. A flood of streams from an unauthorized peer, sending garbage.
             record = await mallory_rt.connect_to_peer(mallory, server.peer_id)

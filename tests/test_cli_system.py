@@ -70,9 +70,10 @@ def nodes(tmp_path_factory: pytest.TempPathFactory, echo_server: int) -> Iterato
         relay = Proc("relay", ["--home", str(homes["relay"]), "relay", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"])
         procs.append(relay)
         relay_addr = relay.wait_for(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\S+)").group(1)
+        relay_flag = ["--relay", relay_addr]
         server = Proc(
             "serve",
-            ["--home", str(homes["home"]), "serve", "--service", f"echo=127.0.0.1:{echo_server}", "--relay", relay_addr],
+            ["--home", str(homes["home"]), "serve", "--service", f"echo=127.0.0.1:{echo_server}", *relay_flag],
         )
         procs.append(server)
         peer_id = server.wait_for(r"^peer (\S+)").group(1)
@@ -86,8 +87,17 @@ def nodes(tmp_path_factory: pytest.TempPathFactory, echo_server: int) -> Iterato
 def test_ping_through_discovery_reports_rtts_and_path(nodes: dict[str, object]) -> None:
     homes = nodes["homes"]
     assert isinstance(homes, dict)
-    result = cli(homes["laptop"], "ping", str(nodes["peer_id"]), "-c", "3", "--interval", "0.1",
-                 "--relay", str(nodes["relay_addr"]))
+    result = cli(
+        homes["laptop"],
+        "ping",
+        str(nodes["peer_id"]),
+        "-c",
+        "3",
+        "--interval",
+        "0.1",
+        "--relay",
+        str(nodes["relay_addr"]),
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(" time=")[0] for line in lines[1:4]] == ["seq=0", "seq=1", "seq=2"]
@@ -113,8 +123,19 @@ def test_proxy_carries_bytes_and_unauthorized_peer_gets_a_clear_line(nodes: dict
     assert isinstance(homes, dict)
     results = {}
     for who in ("laptop", "stranger"):
-        proxy = Proc(who, ["--home", str(homes[who]), "proxy", str(nodes["peer_id"]), "echo", "0",
-                           "--relay", str(nodes["relay_addr"])])
+        proxy = Proc(
+            who,
+            [
+                "--home",
+                str(homes[who]),
+                "proxy",
+                str(nodes["peer_id"]),
+                "echo",
+                "0",
+                "--relay",
+                str(nodes["relay_addr"]),
+            ],
+        )
         try:
             port = int(proxy.wait_for(r"forwarding 127\.0\.0\.1:(\d+)").group(1))
             with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:

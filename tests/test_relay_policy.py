@@ -7,10 +7,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from harness import client_node, echo_handler, read_all, relay, serving_node, tcp_service
 from peerup.core.errors import PeerupError
 from peerup.plugins.libp2p.identity import create_identity
 from peerup.plugins.libp2p.node import Libp2pNode
+
+from harness import client_node, echo_handler, read_all, relay, serving_node, tcp_service
 
 pytestmark = pytest.mark.anyio
 
@@ -27,7 +28,8 @@ async def test_relay_allowlist_refuses_reservations_and_circuits_of_others(tmp_p
     server_id = create_identity(tmp_path / "server")
     client_id = create_identity(tmp_path / "client")
     create_identity(tmp_path / "intruder")
-    async with tcp_service(echo_handler) as addr, relay(tmp_path, allow=[server_id, client_id]) as relay_addr:
+    allowed = [server_id, client_id]
+    async with tcp_service(echo_handler) as addr, relay(tmp_path, allow=allowed) as relay_addr:  # noqa: SIM117
         async with (
             serving_node(tmp_path, relay_addr, {"svc": addr}) as (_, server),
             serving_node(tmp_path, relay_addr, {"svc": addr}, name="intruder") as (_, intruder),
