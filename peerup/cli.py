@@ -339,9 +339,15 @@ async def _relay(settings: Settings) -> None:
 
 
 async def _run(settings: Settings, services: bool, proxies: list[ProxySettings]) -> None:
+    """Serve and/or proxy until SIGINT/SIGTERM, then drain open tunnels for a bounded time.
+
+    The first signal cancels only ``accepting`` (listeners close, no new
+    connections); the node and open tunnels live on for ``timeouts.drain``.
+    """
     runtime = Runtime(settings, _plugins(settings))
-    with anyio.CancelScope() as scope:
-        async with stop_on_signals(scope), runtime.node() as node:
+    accepting = anyio.CancelScope()
+    async with stop_on_signals(accepting), runtime.node() as node, anyio.create_task_group() as tunnels:
+        with accepting:
             _out(f"peer {node.peer_id}")
             if services:
                 if not settings.services:
@@ -351,31 +357,16 @@ async def _run(settings: Settings, services: bool, proxies: list[ProxySettings])
                     _out(f"serving {service.name} -> {service.address}")
             for addr in node.listen_addrs():
                 _out(f"  reachable at {addr}")
-            async with anyio.create_task_group() as tunnels:
-                with anyio.CancelScope() as accepting:
-                    async with anyio.create_task_group() as listeners:
-                        for proxy in proxies:
-                            port = await listeners.start(runtime.serve_proxy, node, proxy, tunnels)
-                            _out(f"forwarding {proxy.bind}:{port} -> {proxy.service} on {proxy.peer}")
-                        await _until_cancelled(scope, accepting)
-                # Shutdown: listeners closed; give open tunnels the drain time.
-                if runtime.open_tunnels:
-                    log.warning(
-                        "waiting up to %g s for %d open connections", settings.timeouts.drain, runtime.open_tunnels
-                    )
-                    with anyio.CancelScope(shield=True):
-                        if not await runtime.drain(settings.timeouts.drain):
-                            log.warning("closing %d connections still open", runtime.open_tunnels)
-                tunnels.cancel_scope.cancel()
-
-
-async def _until_cancelled(outer: anyio.CancelScope, accepting: anyio.CancelScope) -> None:
-    """Sleep until a signal; then stop accepting but keep the node up for draining."""
-    try:
-        await anyio.sleep_forever()
-    finally:
-        if outer.cancel_called:
-            accepting.cancel()
+            async with anyio.create_task_group() as listeners:
+                for proxy in proxies:
+                    port = await listeners.start(runtime.serve_proxy, node, proxy, tunnels)
+                    _out(f"forwarding {proxy.bind}:{port} -> {proxy.service} on {proxy.peer}")
+                await anyio.sleep_forever()
+        if runtime.open_tunnels:
+            log.warning("waiting up to %g s for %d open connections", settings.timeouts.drain, runtime.open_tunnels)
+            if not await runtime.drain(settings.timeouts.drain):
+                log.warning("closing %d connections still open", runtime.open_tunnels)
+        tunnels.cancel_scope.cancel()
 
 
 async def _ping(settings: Settings, peer: str, count: int, interval: float) -> int:

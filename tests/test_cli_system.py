@@ -156,6 +156,38 @@ def test_proxy_carries_bytes_and_unauthorized_peer_gets_a_clear_line(nodes: dict
     assert results == {"laptop": b"ping through the tunnel", "stranger": b""}
 
 
+def test_sigterm_drains_open_connections_and_refuses_new_ones(nodes: dict[str, object]) -> None:
+    homes = nodes["homes"]
+    assert isinstance(homes, dict)
+    proxy = Proc(
+        "drain",
+        [
+            "--home",
+            str(homes["laptop"]),
+            "proxy",
+            str(nodes["peer_id"]),
+            "echo",
+            "0",
+            "--relay",
+            str(nodes["relay_addr"]),
+        ],
+    )
+    try:
+        port = int(proxy.wait_for(r"forwarding 127\.0\.0\.1:(\d+)").group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b"before")
+            assert conn.recv(100) == b"before"
+            proxy.popen.send_signal(signal.SIGTERM)
+            proxy.wait_for(r"waiting up to 10 s for 1 open connections", stderr=True)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            conn.sendall(b"during the drain")  # the open tunnel still carries bytes
+            assert conn.recv(100) == b"during the drain"
+        assert proxy.popen.wait(10) == 0  # exits as soon as the last tunnel closed
+    finally:
+        proxy.stop()
+
+
 def test_sigterm_stops_the_relay_and_frees_its_port(nodes: dict[str, object]) -> None:
     relay = nodes["relay"]
     assert isinstance(relay, Proc)

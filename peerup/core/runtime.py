@@ -388,7 +388,7 @@ async def stop_on_signals(scope: anyio.CancelScope) -> AsyncIterator[None]:
     async def watch() -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                log.warning("received %s: shutting down", signal.Signals(signum).name)
+                log.warning("received %s: shutting down (send it again to stop at once)", signal.Signals(signum).name)
                 scope.cancel()
                 return
 
