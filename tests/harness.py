@@ -6,7 +6,10 @@ the entry points, the core runtime, and TCP services on loopback sockets.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -235,16 +238,15 @@ class Cable:
 
     async def yank(self) -> None:
         """Close every socket abruptly (RST), like the kernel after ``kill -9``."""
+        import contextlib
         import socket
         import struct
 
         self.cut()
         for stream in self._streams:
             sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
             await anyio.aclose_forcefully(stream)
 
 
@@ -279,3 +281,113 @@ async def settle(measure: Callable[[], int], target: int, timeout: float, slack:
             await anyio.sleep(0.1)
             value = measure()
     return value
+
+
+# -- the real CLI in separate processes (tests/test_system_ssh.py, tests/test_netns.py) ----
+
+PEERUP_CMD = [sys.executable, "-m", "peerup"]
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without PEERUP_* (a developer's shell must not leak in)."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("PEERUP_")}
+
+
+class CliProc:
+    """A running ``peerup`` command (optionally under a prefix like ``ip netns exec A``).
+
+    Its stdout and stderr lines are collected as they arrive; :meth:`wait_for`
+    waits, bounded, for a line; :meth:`stop` sends SIGTERM, then SIGKILL after 15 s.
+    """
+
+    def __init__(self, name: str, args: list[str], prefix: Sequence[str] = ()) -> None:
+        import subprocess
+        import threading
+
+        self.name = name
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self.popen = subprocess.Popen(
+            [*prefix, *PEERUP_CMD, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            env=clean_env(),
+        )
+        for stream, sink in ((self.popen.stdout, self.lines), (self.popen.stderr, self.errors)):
+            threading.Thread(target=self._collect, args=(stream, sink), daemon=True).start()
+
+    @staticmethod
+    def _collect(stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, stderr: bool = False) -> re.Match[str]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.errors if stderr else self.lines):
+                match = regex.search(line)
+                if match:
+                    return match
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(
+            f"{self.name} did not print /{pattern}/ within {timeout:g} s (exit code {self.popen.poll()});\n"
+            f"stdout: {self.lines[-10:]}\nstderr tail:\n" + "\n".join(self.errors[-20:])
+        )
+
+    def stop(self) -> int:
+        import subprocess
+
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def peerup_run(args: list[str], prefix: Sequence[str] = (), timeout: float = 60.0) -> Any:
+    """Run a short ``peerup`` command to completion (bounded); returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [*prefix, *PEERUP_CMD, *args], capture_output=True, text=True, timeout=timeout, check=False, env=clean_env()
+    )
+
+
+def init_home(home: Path, prefix: Sequence[str] = ()) -> str:
+    """``peerup --home HOME init``; returns the new peer ID."""
+    result = peerup_run(["--home", str(home), "init"], prefix)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+class CliTunnel:
+    """relay + ``peerup serve`` + ``peerup proxy`` as real processes (prefixes for namespaces)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[CliProc] = []
+
+    def start(self, name: str, args: list[str], prefix: Sequence[str] = ()) -> CliProc:
+        proc = CliProc(name, args, prefix)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"-- {p.name} (exit {p.popen.poll()}):\n" + "\n".join(p.errors[-25:]) for p in self.procs)

@@ -100,8 +100,8 @@ async def test_client_finds_server_in_dht_and_talks_through_relay(tmp_path: Path
 
 
 @pytest.mark.anyio
-async def test_discover_unknown_peer_returns_none_and_dial_says_unreachable(tmp_path: Path) -> None:
-    from peerup.core.errors import PeerUnreachable
+async def test_discover_unknown_peer_returns_none_and_dial_says_not_found(tmp_path: Path) -> None:
+    from peerup.core.errors import PeerNotFound
     from peerup.core.node import PeerRecord
 
     with anyio.fail_after(10):
@@ -111,7 +111,8 @@ async def test_discover_unknown_peer_returns_none_and_dial_says_unreachable(tmp_
             async with open_libp2p_node(settings, "node") as client:
                 stranger = "12D3KooWAyAYZEq16AqHpcvM8dFS7fToSQPMjdmvrZ8j5VRiokqW"
                 assert await plugin.discover_peer(client, stranger, settings) is None
-                with pytest.raises(PeerUnreachable, match="no address worked"):
+                # The relay answers NO_RESERVATION: the peer is not there, not "unreachable".
+                with pytest.raises(PeerNotFound, match="holds no reservation on 1 relay"):
                     await plugin.dial(
                         client, PeerRecord(stranger, (f"{relay_addr}/p2p-circuit/p2p/{stranger}",)), ECHO, settings
                     )

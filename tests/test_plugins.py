@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import InstallPlugin
 
 from peerup.core import hookspecs
 from peerup.core.errors import PluginError
@@ -16,6 +15,8 @@ from peerup.core.hookspecs import hookimpl
 from peerup.core.plugins import PluginHost, describe_plugins, load_plugins
 from peerup.core.settings import Settings, load_settings
 from peerup.plugins.backoff import ExponentialBackoff
+
+from conftest import InstallPlugin
 
 FIXED_RETRY = """
 from peerup.core.hookspecs import hookimpl
@@ -58,7 +59,9 @@ def test_installed_but_not_selected_is_listed_inactive(home: Path, install_plugi
     assert rows["fixed-retry"].distribution == "peerup-fixed-retry"
     assert rows["fixed-retry"].hooks == ("retry_policy",)
     assert rows["backoff"].active and rows["backoff"].builtin
-    assert {row.name: row.active for row in describe_plugins(["fixed-retry"], ["proxy"])} == {
+    # Only the plugins this test knows: contrib packages may be installed beside them.
+    known = {"backoff", "libp2p", "proxy", "fixed-retry"}
+    assert {row.name: row.active for row in describe_plugins(["fixed-retry"], ["proxy"]) if row.name in known} == {
         "backoff": True,
         "libp2p": True,
         "proxy": False,
@@ -72,7 +75,7 @@ def test_disabled_builtin_is_not_loaded(home: Path) -> None:
 
 
 def test_unknown_plugin_name_is_one_line(home: Path) -> None:
-    with pytest.raises(PluginError, match=r"plugin 'nope' is not installed \(installed: backoff, libp2p, proxy\)"):
+    with pytest.raises(PluginError, match=r"^plugin 'nope' is not installed \(installed: backoff, .*libp2p, .*proxy"):
         load_plugins(["nope"])
 
 
@@ -113,7 +116,8 @@ def test_cli_plugins_lists_name_distribution_hooks_active(home: Path, install_pl
     assert lines["fixed-retry"][4:] == ["retry_policy"]
     assert lines["backoff"][1:4] == ["peerup", lines["backoff"][2], "yes"]
     selected = _cli(["plugins", "--plugin", "fixed-retry"], site, home)
-    assert "fixed-retry" in selected.stdout and " yes " in selected.stdout.splitlines()[-1] + " "
+    rows = {line.split()[0]: line.split() for line in selected.stdout.splitlines()[1:]}
+    assert rows["fixed-retry"][3] == "yes"
 
 
 class _Recorder:

@@ -16,12 +16,13 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.abc import SocketStream
-from harness import client_node, echo_handler, free_port, read_all, relay, serving_node, tcp_service
 
 from peerup.core.errors import ConfigError, RetriesExhausted, ServiceError
 from peerup.core.node import Node, PeerAttribute
 from peerup.core.runtime import Runtime
 from peerup.core.settings import ProxySettings
+
+from harness import client_node, echo_handler, free_port, read_all, relay, serving_node, tcp_service
 
 pytestmark = pytest.mark.anyio
 

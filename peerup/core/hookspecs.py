@@ -52,12 +52,15 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec(firstresult=True)
-def open_node(settings: Settings, role: str) -> AbstractAsyncContextManager[Node] | None:
+def open_node(settings: Settings, role: str, retry_policy: RetryPolicy) -> AbstractAsyncContextManager[Node] | None:
     """Return an async context manager that runs this process's transport node.
 
     :param settings: the resolved settings (identity home, listen and relay addresses).
     :param role: ``"relay"`` for ``peerup relay serve`` (a relay and DHT bootstrap
         node), ``"node"`` for everything else (serve, proxy, ping, run).
+    :param retry_policy: the active ``retry_policy``; a transport spaces its own
+        reconnects (to a relay that went away) with it, repeating the last delay
+        once the policy's delays run out, since a node never gives up on its relay.
     :returns: a context manager whose ``__aenter__`` yields a started
         :class:`~peerup.core.node.Node` and whose ``__aexit__`` stops it and frees
         its ports, or ``None`` if this plugin provides no transport.

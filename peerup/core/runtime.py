@@ -92,7 +92,9 @@ class Runtime:
 
     @asynccontextmanager
     async def node(self, role: str = "node") -> AsyncIterator[Node]:
-        manager = self.plugins.call_first("open_node", settings=self.settings, role=role)
+        manager = self.plugins.call_first(
+            "open_node", settings=self.settings, role=role, retry_policy=self.retry_policy(None)
+        )
         if manager is None:
             raise PluginError("no active plugin provides a transport (open_node); is the built-in 'libp2p' disabled?")
         async with manager as node:

@@ -8,13 +8,16 @@ protocol, yamux window wait, log filters), idempotently.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 
 from anyio.abc import ByteStream
 from libp2p.peer.id import ID
 
 from peerup.core.hookspecs import hookimpl
 from peerup.core.node import Node, PeerRecord
+from peerup.core.retry import RetryPolicy
 from peerup.core.settings import Settings
 from peerup.plugins.libp2p import workarounds
 from peerup.plugins.libp2p.node import Libp2pNode, open_libp2p_node, relay_circuit_addr
@@ -28,8 +31,18 @@ workarounds.apply_global_workarounds()
 
 
 @hookimpl
-def open_node(settings: Settings, role: str) -> AbstractAsyncContextManager[Node]:
-    return open_libp2p_node(settings, role)
+def open_node(settings: Settings, role: str, retry_policy: RetryPolicy) -> AbstractAsyncContextManager[Node]:
+    return open_libp2p_node(settings, role, delays_factory=partial(endless_delays, retry_policy, settings))
+
+
+def endless_delays(policy: RetryPolicy, settings: Settings) -> Iterator[float]:
+    """The policy's delays, then its last delay forever: a node never gives up on its relay."""
+    last = settings.retry.max_delay
+    for delay in policy.delays():
+        last = delay
+        yield delay
+    while True:
+        yield last
 
 
 @hookimpl

@@ -22,7 +22,7 @@ from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError
 from peerup.core.node import PeerAttribute
 
 #: Reads return at most this much unless the caller asks for less.
-DEFAULT_MAX_BYTES = 65536
+DEFAULT_MAX_BYTES = 256 * 1024
 
 
 def _conn_of(stream: INetStream) -> Any:

@@ -27,6 +27,8 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.relay.circuit_v2.resources import RelayResourceManager
 
+from peerup.plugins.libp2p import fastpath
+
 log = logging.getLogger("peerup.libp2p.workarounds")
 
 #: The private DHT protocol: peerup nodes never talk to the public IPFS DHT.
@@ -254,10 +256,11 @@ def quiet_known_noise() -> None:
 
 
 def apply_global_workarounds() -> None:
-    """Apply the process-wide workarounds (a), (e), (g). Idempotent; called at plugin load."""
+    """Apply the process-wide workarounds (a), (e), (g) and the data-path fixes. Idempotent; called at plugin load."""
     use_private_dht_protocol()
     unbounded_yamux_window_wait()
     quiet_known_noise()
+    fastpath.apply()  # Noise/yamux throughput fixes, see fastpath.py
 
 
 __all__ = [
