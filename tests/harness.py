@@ -135,9 +135,11 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def relay_node(tmp_path: Path, listen: str = LOCAL, **relay_limits: Any) -> AsyncIterator[tuple[str, Node]]:
-    """Like :func:`relay`, with relay limits (``circuit_duration=...``) and the node itself."""
-    settings = make_settings(tmp_path / "relay", relay={"listen": [listen], **relay_limits})
+async def relay_node(
+    tmp_path: Path, listen: str = LOCAL, timeouts: dict[str, Any] | None = None, **relay_limits: Any
+) -> AsyncIterator[tuple[str, Node]]:
+    """Like :func:`relay`, with relay limits (``circuit_duration=...``), timeouts, and the node itself."""
+    settings = make_settings(tmp_path / "relay", relay={"listen": [listen], **relay_limits}, timeouts=timeouts or {})
     runtime = Runtime(settings, load_plugins())
     async with runtime.node("relay") as node:
         yield node.listen_addrs()[0], node

@@ -50,6 +50,8 @@ class Timeouts(_Strict):
     service_stream: float = Field(30.0, gt=0, description="discover + dial + open a peer stream")
     idle: float | None = Field(None, gt=0, description="close a tunnel idle this long; unset = never")
     drain: float = Field(10.0, ge=0, description="on shutdown, wait this long for open tunnels")
+    keepalive: float | None = Field(15.0, gt=0, description="ping each connected peer this often; unset = never")
+    keepalive_timeout: float = Field(10.0, gt=0, description="a peer that does not answer in time is disconnected")
 
 
 class Retry(_Strict):

@@ -13,14 +13,23 @@ idempotent; :func:`applied` says whether they are in place.
 
 from __future__ import annotations
 
+import os
 import struct
+from collections import deque
 from typing import Any
 
 import trio
-from libp2p.io.exceptions import IncompleteReadError
+from libp2p.io.exceptions import IncompleteReadError, IOException
+from libp2p.protocol_muxer import multiselect_client
+from libp2p.protocol_muxer.exceptions import (
+    MultiselectClientError,
+    MultiselectCommunicatorError,
+    ProtocolNotSupportedError,
+)
 from libp2p.security.noise import io as noise_io
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux
+from libp2p.utils import encode_delim
 
 #: One TCP receive for the Noise reader: several 64 KiB Noise messages at once.
 NOISE_RECV_SIZE = 256 * 1024
@@ -29,6 +38,9 @@ YAMUX_WRITE_BATCH = 256 * 1024
 #: Poll interval while a yamux writer waits for the peer's window update
 #: (upstream: 10 ms, which caps a window-limited stream at window/10 ms).
 YAMUX_WINDOW_POLL = 0.0005
+#: Streams one yamux connection may have open at once, opened by this side
+#: (upstream: 256). Every tunnel is one stream on the connection to its peer.
+YAMUX_MAX_STREAMS = 8192
 
 _MARK = "_peerup_fastpath"
 _HEADER = struct.Struct(yamux.YAMUX_HEADER_FORMAT)
@@ -139,23 +151,250 @@ async def _yamux_stream_write(self: Any, data: bytes) -> None:
         sent += take
 
 
-_PATCHES: list[tuple[Any, str, Any]] = [
-    (noise_io.NoiseTransportReadWriter, "read_msg", _noise_transport_read_msg),
-    (noise_io.NoiseTransportReadWriter, "write_msg", _noise_transport_write_msg),
-    (yamux.YamuxStream, "write", _yamux_stream_write),
-]
+# (4) stream_muxer/yamux/yamux.py:667-668 Yamux.__init__ hard-codes
+# stream_backlog_limit = 256 and trio.Semaphore(256), and open_stream
+# (yamux.py:878-880) waits on that semaphore for a free slot, without a timeout
+# or a message. Every tunnel is one stream on the one connection to its peer, so
+# the 257th simultaneous tunnel hung silently until the caller's 30 s timeout
+# ("no answer within 30 s"); a relay opening STOP streams to one node hits it too.
+# Here a connection allows YAMUX_MAX_STREAMS, and a full connection fails at once
+# with a message that names the limit instead of waiting. The per-peer policy
+# stays with peerup's own caps (auth.max_streams_per_peer, relay.max_circuits*),
+# which refuse earlier and say so. Inbound streams were never limited upstream.
+_upstream_yamux_init = yamux.Yamux.__init__
+_upstream_open_stream = yamux.Yamux.open_stream
+
+
+# (6) stream_muxer/yamux/yamux.py:890, 1295 keep each stream's received data in
+# a bytearray: handle_incoming appends every frame (yamux.py:1542
+# ``.extend(data)``) and read_stream takes from the front (yamux.py:1115-1116
+# ``bytes(buffer[:n])`` + ``del buffer[:n]``). CPython's bytearray, once its
+# front was cut, copies the whole remaining buffer into a new allocation on the
+# next growth, and again whenever it shrinks below half its allocation. A
+# stream whose reader is a little slower than its writer holds up to its receive
+# window (autotuned up to 16 MiB, yamux.py:149) in that buffer, so every 64 KiB
+# frame cost a copy of megabytes: py-spy showed the relay spending 24% of its
+# time on that one line during a relayed transfer. _ChunkBuffer keeps the frames
+# as a queue of bytes objects instead; it offers exactly the bytearray
+# operations yamux.py uses on these buffers (extend, len, truth, bytes(), clear,
+# front slice [:n] and del [:n]); _StreamBuffers makes every buffer yamux stores
+# one.
+class _ChunkBuffer:
+    __slots__ = ("_chunks", "_size")
+
+    def __init__(self, data: bytes | bytearray = b"") -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        if data:
+            self.extend(data)
+
+    def extend(self, data: bytes | bytearray | memoryview) -> None:
+        if data:
+            chunk = bytes(data)  # no copy for bytes
+            self._chunks.append(chunk)
+            self._size += len(chunk)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bytes__(self) -> bytes:
+        if len(self._chunks) == 1:
+            return self._chunks[0]
+        return b"".join(self._chunks)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._size = 0
+
+    def _front(self, key: Any) -> int | None:
+        if isinstance(key, slice) and key.start in (None, 0) and key.step in (None, 1):
+            stop = self._size if key.stop is None else key.stop
+            if stop >= 0:
+                return min(stop, self._size)
+        return None
+
+    def __getitem__(self, key: Any) -> bytes:
+        n = self._front(key)
+        if n is None:
+            return bytes(self)[key]  # not used by yamux.py; correct, not fast
+        chunks = self._chunks
+        if not n:
+            return b""
+        first = chunks[0]
+        if len(first) >= n:
+            return first if len(first) == n else first[:n]
+        parts = []
+        need = n
+        for chunk in chunks:
+            if len(chunk) >= need:
+                parts.append(chunk[:need] if len(chunk) > need else chunk)
+                break
+            parts.append(chunk)
+            need -= len(chunk)
+        return b"".join(parts)
+
+    def __delitem__(self, key: Any) -> None:
+        n = self._front(key)
+        if n is None:
+            rest = bytearray(bytes(self))
+            del rest[key]
+            self.clear()
+            self.extend(rest)
+            return
+        self._size -= n
+        chunks = self._chunks
+        while n:
+            first = chunks[0]
+            if len(first) <= n:
+                chunks.popleft()
+                n -= len(first)
+            else:
+                chunks[0] = first[n:]
+                n = 0
+
+
+class _StreamBuffers(dict):  # type: ignore[type-arg]
+    """``Yamux.stream_buffers``: every bytearray stored into it becomes a :class:`_ChunkBuffer`."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(value, bytearray):
+            value = _ChunkBuffer(value)
+        super().__setitem__(key, value)
+
+
+def _yamux_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _upstream_yamux_init(self, *args, **kwargs)
+    self.stream_backlog_limit = YAMUX_MAX_STREAMS
+    self.stream_backlog_semaphore = trio.Semaphore(YAMUX_MAX_STREAMS)
+    if "yamux-buffers" not in _SKIPPED:
+        self.stream_buffers = _StreamBuffers(self.stream_buffers)
+
+
+async def _yamux_open_stream(self: Any) -> Any:
+    if self.stream_backlog_semaphore.value == 0:
+        raise MuxedStreamError(
+            f"yamux: {self.stream_backlog_limit} streams already open on the connection to {self.peer_id}"
+        )
+    return await _upstream_open_stream(self)
+
+
+# (5) protocol_muxer/multiselect_client.py select_one_of (handshake() then
+# try_select()) writes "/multistream/1.0.0", waits for the answer, then writes
+# the protocol and waits again: two round trips before a new stream carries a
+# byte. Both messages are now sent in one write and both answers read after it
+# (what go-libp2p's multistream client does). The server side
+# (protocol_muxer/multiselect.py:63 negotiate) reads them one after the other,
+# so the wire is the same, one round trip earlier: about half of a warm
+# tunnel's set-up time through a relay. Only the first protocol is pipelined;
+# the others, and every error message, are upstream's.
+async def _select_one_of(
+    self: Any, protocols: Any, communicator: Any, negotiate_timeout: int = multiselect_client.DEFAULT_NEGOTIATE_TIMEOUT
+) -> Any:
+    protocols = list(protocols)
+    if not protocols or not hasattr(communicator, "read_writer"):
+        return await _upstream_select_one_of(self, protocols, communicator, negotiate_timeout)
+    first = protocols[0]
+    first_text = first if first is not None else ""
+    with trio.move_on_after(negotiate_timeout):
+        try:
+            await communicator.read_writer.write(
+                encode_delim(multiselect_client.MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(first_text.encode())
+            )
+        except (IOException, AssertionError, ValueError) as error:  # what upstream's communicator wraps
+            raise MultiselectClientError(f"handshake write failed: {error}") from error
+        try:
+            handshake = await communicator.read()
+        except MultiselectCommunicatorError as error:
+            raise MultiselectClientError(f"handshake read failed: {error}") from error
+        if not multiselect_client.is_valid_handshake(handshake):
+            raise MultiselectClientError(
+                f"multiselect protocol ID mismatch: expected {multiselect_client.MULTISELECT_PROTOCOL_ID}, "
+                f"got {handshake!r}"
+            )
+        unsupported: list[str] = []
+        try:
+            response = await communicator.read()
+        except MultiselectCommunicatorError as error:
+            raise MultiselectClientError(f"protocol read failed: {error}, protocol={first}") from error
+        if response == first_text:
+            return first
+        if response != multiselect_client.PROTOCOL_NOT_FOUND_MSG:
+            raise MultiselectClientError(
+                f"unrecognized response: {response!r}, expected {first_text!r} or "
+                f"{multiselect_client.PROTOCOL_NOT_FOUND_MSG!r}, protocol={first}"
+            )
+        unsupported.append(f"protocol not supported: {first}, response={response!r}")
+        for protocol in protocols[1:]:
+            try:
+                return await self.try_select(communicator, protocol)
+            except ProtocolNotSupportedError as error:
+                unsupported.append(str(error))
+        raise MultiselectClientError(
+            multiselect_client._build_protocols_not_supported_message(protocols, negotiate_timeout, unsupported)
+        )
+    raise MultiselectClientError(f"response timed out after {negotiate_timeout}s, protocols tried: {protocols}")
+
+
+_upstream_select_one_of = multiselect_client.MultiselectClient.select_one_of
+
+
+# (7) stream_muxer/yamux/yamux.py:410 YamuxStream._auto_tune_and_send_window_update
+# sends a WINDOW_UPDATE after almost every read: the "partial slack" branch
+# (yamux.py:440-444) whenever a little window is missing, and the
+# PY_YAMUX_RELEASE_ON_READ branch (default on, yamux.py:445-451, reading
+# os.environ per call) for every read otherwise. A 1-byte read (multistream-select
+# reads its varint prefixes byte by byte) costs a frame, a Noise message and a
+# send; through a relay each one is a message the relay decrypts, forwards and
+# answers with a window update of its own. Here the go-yamux rule
+# (session.go sendWindowUpdate / GrowTo): credit goes back once the consumed
+# part reaches half the target window, with upstream's autotune doubling the
+# target when updates come faster than 4 RTT. The window a writer sees never
+# drops below half the target, so bulk transfers never starve.
+async def _yamux_auto_tune_and_send_window_update(self: Any, *, bytes_read: int = 0) -> None:
+    total = 0
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        delta = self.target_recv_window - (self.recv_window + buffered)
+        if delta > 0 and delta >= self.target_recv_window // 2:
+            self.recv_window += delta
+            total = delta + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+    if total > 0:
+        await self.send_window_update(total, skip_lock=True)
+
+
+#: name -> (owner, attribute, replacement). Names are what PEERUP_FASTPATH_SKIP takes.
+_PATCHES: dict[str, tuple[Any, str, Any]] = {
+    "noise-read": (noise_io.NoiseTransportReadWriter, "read_msg", _noise_transport_read_msg),
+    "noise-write": (noise_io.NoiseTransportReadWriter, "write_msg", _noise_transport_write_msg),
+    "yamux-write": (yamux.YamuxStream, "write", _yamux_stream_write),
+    "yamux-conn": (yamux.Yamux, "__init__", _yamux_init),
+    "yamux-open": (yamux.Yamux, "open_stream", _yamux_open_stream),
+    "yamux-credit": (yamux.YamuxStream, "_auto_tune_and_send_window_update", _yamux_auto_tune_and_send_window_update),
+    "multiselect": (multiselect_client.MultiselectClient, "select_one_of", _select_one_of),
+}
+#: Patches switched off by ``PEERUP_FASTPATH_SKIP`` (comma-separated names of
+#: _PATCHES, plus "yamux-buffers" for (6) alone), read once by apply(). For
+#: before/after measurements only (``benchmarks/``); never needed in use.
+_SKIPPED: frozenset[str] = frozenset()
 
 
 def apply() -> None:
-    """Install the patches above (idempotent)."""
-    for owner, name, function in _PATCHES:
-        if getattr(owner, name) is not function:
-            setattr(owner, name, function)
+    """Install the patches above (idempotent), except those named in ``PEERUP_FASTPATH_SKIP``."""
+    global _SKIPPED
+    _SKIPPED = frozenset(filter(None, (x.strip() for x in os.environ.get("PEERUP_FASTPATH_SKIP", "").split(","))))
+    for name, (owner, attribute, function) in _PATCHES.items():
+        if name not in _SKIPPED and getattr(owner, attribute) is not function:
+            setattr(owner, attribute, function)
     setattr(yamux, _MARK, True)
 
 
 def applied() -> bool:
-    return all(getattr(owner, name) is function for owner, name, function in _PATCHES)
+    return all(
+        getattr(owner, attribute) is function
+        for name, (owner, attribute, function) in _PATCHES.items()
+        if name not in _SKIPPED
+    )
 
 
-__all__ = ["NOISE_RECV_SIZE", "YAMUX_WINDOW_POLL", "YAMUX_WRITE_BATCH", "applied", "apply"]
+__all__ = ["NOISE_RECV_SIZE", "YAMUX_MAX_STREAMS", "YAMUX_WINDOW_POLL", "YAMUX_WRITE_BATCH", "applied", "apply"]

@@ -40,6 +40,7 @@ from peerup.core.node import PeerAttribute, StreamHandler
 from peerup.core.settings import Settings
 from peerup.plugins.libp2p import workarounds
 from peerup.plugins.libp2p.identity import load_identity
+from peerup.plugins.libp2p.keepalive import keep_alive
 from peerup.plugins.libp2p.relay_policy import RelayPolicy, apply_relay_policy, parse_allow
 from peerup.plugins.libp2p.stream import Libp2pByteStream, stream_path
 
@@ -372,6 +373,10 @@ async def open_libp2p_node(
             ):
                 for relay in relays:
                     nursery.start_soon(node.keep_relay, relay, delays_factory or settings_delays(settings))
+                if settings.timeouts.keepalive is not None:
+                    nursery.start_soon(
+                        keep_alive, host, settings.timeouts.keepalive, settings.timeouts.keepalive_timeout
+                    )
                 if relays:
                     with trio.move_on_after(_STARTUP_RESERVE_WAIT):
                         while not any(r.reserved for r in relays):

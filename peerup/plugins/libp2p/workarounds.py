@@ -27,7 +27,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.relay.circuit_v2.resources import RelayResourceManager
 
-from peerup.plugins.libp2p import fastpath
+from peerup.plugins.libp2p import fastpath, relay_circuits
 
 log = logging.getLogger("peerup.libp2p.workarounds")
 
@@ -259,6 +259,7 @@ def apply_global_workarounds() -> None:
     """Apply the process-wide workarounds (a), (e), (g) and the data-path fixes. Idempotent; called at plugin load."""
     use_private_dht_protocol()
     unbounded_yamux_window_wait()
+    relay_circuits.use_peerup_relay_pump()
     quiet_known_noise()
     fastpath.apply()  # Noise/yamux throughput fixes, see fastpath.py
 
