@@ -17,11 +17,12 @@ from anyio.abc import SocketStream
 
 from peerup.core import auth
 from peerup.core.errors import ServiceError
+from peerup.core.node import Node
+from peerup.core.runtime import Runtime
 from peerup.core.settings import ServiceSettings
 from peerup.plugins.libp2p.node import Libp2pNode, parse_peer_id
 from peerup.plugins.libp2p.stream import Libp2pByteStream
-
-from harness import client_node, read_all, relay, serving_node, tcp_service
+from peerup.testing import client_node, read_all, relay, serving_node, tcp_service
 
 pytestmark = pytest.mark.anyio
 
@@ -52,7 +53,7 @@ async def echo_through(stream: object, payload: bytes) -> bytes:
 
 
 @asynccontextmanager
-async def two_clients(tmp_path: Path, relay_addr: str) -> AsyncIterator[tuple[object, object, object, object]]:
+async def two_clients(tmp_path: Path, relay_addr: str) -> AsyncIterator[tuple[Runtime, Node, Runtime, Node]]:
     async with (
         client_node(tmp_path, relay_addr, "alice") as (alice_rt, alice),
         client_node(tmp_path, relay_addr, "mallory") as (mallory_rt, mallory),

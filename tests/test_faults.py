@@ -2,13 +2,14 @@
 down and up, and a peer that vanishes without closing.
 
 In one process, with real libp2p hosts, a real relay, the built-in plugins and
-real TCP sockets (tests/harness.py). Every wait is bounded.
+real TCP sockets (peerup/testing.py). Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import anyio
 import multiaddr
@@ -21,8 +22,8 @@ from peerup.core.node import PeerAttribute
 from peerup.core.plugins import load_plugins
 from peerup.core.runtime import Runtime
 from peerup.core.settings import ServiceSettings
-
-from harness import (
+from peerup.plugins.libp2p.node import Libp2pNode
+from peerup.testing import (
     Cable,
     client_node,
     echo_handler,
@@ -66,6 +67,7 @@ async def test_relay_restart_relayed_tunnel_recovers_and_direct_tunnel_keeps_wor
             client_node(tmp_path, relay_addr, retry=PATIENT_RETRY) as (runtime, client),
         ):
             direct_rt.expose(direct, direct_settings.services)
+            assert isinstance(client, Libp2pNode) and isinstance(direct, Libp2pNode)
             # The client knows the direct peer's address (same LAN, say) and is connected to it.
             await client.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(direct.direct_addrs()[0])))
             async with (
@@ -79,9 +81,9 @@ async def test_relay_restart_relayed_tunnel_recovers_and_direct_tunnel_keeps_wor
                         await stream.aclose()
                     relayed_open = await anyio.connect_tcp("127.0.0.1", relayed_port)
                     direct_open = await anyio.connect_tcp("127.0.0.1", direct_port)
-                    for stream in (relayed_open, direct_open):
-                        await stream.send(b"before")
-                        assert await stream.receive() == b"before"
+                    for tcp in (relayed_open, direct_open):
+                        await tcp.send(b"before")
+                        assert await tcp.receive() == b"before"
 
                 first.set()  # the relay dies, with a relayed tunnel open
                 with anyio.fail_after(15):
@@ -302,7 +304,7 @@ async def test_vanished_client_frees_the_stream_and_the_circuit(tmp_path: Path, 
             tg.cancel_scope.cancel()
 
 
-def _hop_protocol(relay_host: object) -> object:
+def _hop_protocol(relay_host: object) -> Any:
     """The relay's CircuitV2Protocol (its ``_active_relays`` are the open circuits)."""
     return relay_host.circuit.protocol  # type: ignore[attr-defined]
 

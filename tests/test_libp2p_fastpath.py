@@ -55,3 +55,159 @@ async def test_odd_sized_writes_arrive_intact(tmp_path: Path) -> None:
                 except EOFError:
                     break
         assert bytes(got) == expected
+
+
+def test_chunk_buffer_behaves_like_the_bytearray_it_replaces() -> None:
+    """(6) Every operation yamux.py uses on a stream buffer gives what a bytearray gives."""
+    import random
+
+    rng = random.Random(7)
+    real = bytearray()
+    fake = fastpath._ChunkBuffer(bytearray(b"seed"))
+    real += b"seed"
+    for _ in range(2000):
+        op = rng.choice(["extend", "extend", "take", "take", "all", "clear"])
+        if op == "extend":
+            data = os.urandom(rng.choice([0, 1, 5, 100, 65524]))
+            real.extend(data)
+            fake.extend(rng.choice([bytes, bytearray, memoryview])(data))
+        elif op == "take":
+            n = rng.choice([0, 1, 3, 1000, 65536, 300000])
+            assert fake[:n] == bytes(real[:n])
+            del fake[:n]
+            del real[:n]
+        elif op == "all":
+            assert bytes(fake) == bytes(real)
+        elif rng.random() < 0.1:
+            fake.clear()
+            real.clear()
+        assert len(fake) == len(real)
+        assert bool(fake) == bool(real)
+    assert bytes(fake) == bytes(real)
+    assert fake[2:5] == bytes(real[2:5])  # other slices: correct, if slower
+
+
+def test_stream_buffers_store_chunk_buffers() -> None:
+    buffers = fastpath._StreamBuffers()
+    buffers[1] = bytearray()
+    assert isinstance(buffers[1], fastpath._ChunkBuffer)
+    assert len(buffers.get(2, b"")) == 0
+
+
+async def _pair(tmp_path: Path):  # type: ignore[no-untyped-def]
+    a_settings = load_settings(_home(tmp_path / "a"), listen=["/ip4/127.0.0.1/tcp/0"])
+    b_settings = load_settings(_home(tmp_path / "b"), listen=["/ip4/127.0.0.1/tcp/0"])
+    return a_settings, b_settings
+
+
+async def test_more_than_256_streams_at_once_on_one_connection(tmp_path: Path) -> None:
+    """(4) Upstream's yamux let 256 streams be open per connection and the 257th wait silently."""
+    count = 300
+    a_settings, b_settings = await _pair(tmp_path)
+    async with open_libp2p_node(a_settings, "node") as a, open_libp2p_node(b_settings, "node") as b:
+        release = trio.Event()
+
+        async def handler(stream) -> None:  # type: ignore[no-untyped-def]
+            await stream.write(b"x")
+            await release.wait()
+            await stream.close()
+
+        a.host.set_stream_handler(PROTOCOL, handler)
+        assert await b._connect_direct(a.host.get_id(), a.direct_addrs()[0]) is None
+        streams = []
+
+        async def open_one() -> None:
+            stream = await b.host.new_stream(a.host.get_id(), [PROTOCOL])
+            assert await stream.read(1) == b"x"
+            streams.append(stream)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(count):
+                    nursery.start_soon(open_one)
+        assert len(streams) == count
+        conn = b.host.get_network().get_connections(a.host.get_id())[0].muxed_conn
+        assert conn.stream_backlog_limit == fastpath.YAMUX_MAX_STREAMS
+        release.set()
+        for stream in streams:
+            await stream.close()
+
+
+async def test_a_full_connection_refuses_a_stream_at_once_and_says_why(tmp_path: Path) -> None:
+    """(4) At the limit, open_stream raises a message naming it instead of waiting."""
+    from libp2p.stream_muxer.exceptions import MuxedStreamError
+
+    a_settings, b_settings = await _pair(tmp_path)
+    async with open_libp2p_node(a_settings, "node") as a, open_libp2p_node(b_settings, "node") as b:
+        a.host.set_stream_handler(PROTOCOL, lambda stream: trio.sleep(5))
+        assert await b._connect_direct(a.host.get_id(), a.direct_addrs()[0]) is None
+        conn = b.host.get_network().get_connections(a.host.get_id())[0].muxed_conn
+        conn.stream_backlog_limit = 1
+        conn.stream_backlog_semaphore = trio.Semaphore(1)
+        first = await conn.open_stream()
+        with trio.fail_after(2), pytest.raises(MuxedStreamError, match="1 streams already open"):
+            await conn.open_stream()
+        await first.reset()
+
+
+async def test_pipelined_negotiation_falls_back_and_refuses_like_upstream(tmp_path: Path) -> None:
+    """(5) Handshake + first protocol in one write; an unknown first protocol falls back to the next."""
+    from libp2p.host.exceptions import StreamFailure
+
+    a_settings, b_settings = await _pair(tmp_path)
+    async with open_libp2p_node(a_settings, "node") as a, open_libp2p_node(b_settings, "node") as b:
+
+        async def handler(stream) -> None:  # type: ignore[no-untyped-def]
+            await stream.write(b"ok")
+            await stream.close()
+
+        a.host.set_stream_handler(PROTOCOL, handler)
+        assert await b._connect_direct(a.host.get_id(), a.direct_addrs()[0]) is None
+        with trio.fail_after(10):
+            stream = await b.host.new_stream(a.host.get_id(), [PROTOCOL])
+            assert stream.get_protocol() == PROTOCOL
+            assert await stream.read(2) == b"ok"
+            unknown = TProtocol("/peerup-test/nobody/1.0.0")
+            stream = await b.host.new_stream(a.host.get_id(), [unknown, PROTOCOL])
+            assert stream.get_protocol() == PROTOCOL
+            assert await stream.read(2) == b"ok"
+            with pytest.raises(StreamFailure):
+                await b.host.new_stream(a.host.get_id(), [unknown])
+
+
+async def test_small_reads_send_no_window_updates(tmp_path: Path) -> None:
+    """(7) Credit goes back at half the window (go-yamux), not after every read."""
+    import struct
+
+    from libp2p.stream_muxer.yamux import yamux
+
+    a_settings, b_settings = await _pair(tmp_path)
+    async with open_libp2p_node(a_settings, "node") as a, open_libp2p_node(b_settings, "node") as b:
+        done = trio.Event()
+        updates: list[int] = []
+
+        async def handler(stream) -> None:  # type: ignore[no-untyped-def]
+            conn = stream.muxed_conn
+            original = conn._write_frame
+
+            async def counting(data: bytes) -> None:
+                _, typ, flags, _, length = struct.unpack(yamux.YAMUX_HEADER_FORMAT, data[: yamux.HEADER_SIZE])
+                if typ == yamux.TYPE_WINDOW_UPDATE and not flags:
+                    updates.append(length)
+                await original(data)
+
+            conn._write_frame = counting
+            for _ in range(50):
+                assert await stream.read(1)
+            conn._write_frame = original
+            done.set()
+            await stream.close()
+
+        a.host.set_stream_handler(PROTOCOL, handler)
+        assert await b._connect_direct(a.host.get_id(), a.direct_addrs()[0]) is None
+        stream = await b.host.new_stream(a.host.get_id(), [PROTOCOL])
+        with trio.fail_after(10):
+            for _ in range(50):
+                await stream.write(b"y")
+            await done.wait()
+        assert updates == []

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import CliTunnel, free_port, init_home, peerup_run
+from peerup.testing import CliTunnel, free_port, init_home, peerup_run
 
 pytestmark = pytest.mark.system
 

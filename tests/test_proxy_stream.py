@@ -29,7 +29,9 @@ async def socket_pair() -> tuple[SocketStream, SocketStream]:
     async with listener:
         port = listener.extra(anyio.abc.SocketAttribute.local_port)
         client = await anyio.connect_tcp("127.0.0.1", port)
-        server = await listener.listeners[0].accept()
+        inner = listener.listeners[0]
+        assert isinstance(inner, anyio.abc.SocketListener)
+        server = await inner.accept()
     return client, server
 
 

@@ -10,8 +10,7 @@ import pytest
 from peerup.core.errors import PeerupError
 from peerup.plugins.libp2p.identity import create_identity
 from peerup.plugins.libp2p.node import Libp2pNode
-
-from harness import client_node, echo_handler, read_all, relay, serving_node, tcp_service
+from peerup.testing import client_node, echo_handler, read_all, relay, serving_node, tcp_service
 
 pytestmark = pytest.mark.anyio
 

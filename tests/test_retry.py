@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from peerup.core.errors import PeerNotFound, RetriesExhausted, ServiceError
@@ -38,7 +40,7 @@ async def test_failed_attempts_sleep_the_policy_delays_then_give_up() -> None:
 
 @pytest.mark.anyio
 async def test_success_after_failures_returns_value() -> None:
-    results = iter([PeerNotFound("x"), PeerNotFound("x"), "stream"])
+    results: Iterator[PeerNotFound | str] = iter([PeerNotFound("x"), PeerNotFound("x"), "stream"])
 
     async def attempt() -> str:
         item = next(results)

@@ -1,6 +1,6 @@
 """Soak: thousands of connections through one relayed tunnel, and nothing left behind.
 
-Relay, serving node and proxy run in this process (tests/harness.py), so the
+Relay, serving node and proxy run in this process (peerup/testing.py), so the
 process's open file descriptors (/proc/self/fd) and its trio task count (a walk
 of the task tree from the root task) cover all three. Both are measured after a
 warm-up (connections to the relay and the circuit exist, caches are filled) and
@@ -17,8 +17,7 @@ import anyio
 import pytest
 
 from peerup.core.node import PeerAttribute
-
-from harness import (
+from peerup.testing import (
     client_node,
     echo_handler,
     echo_roundtrip,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import CliTunnel, free_port, init_home, peerup_run
+from peerup.testing import CliTunnel, free_port, init_home, peerup_run
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system]
 
 MiB = 1024 * 1024
 SIZE = 50 * MiB

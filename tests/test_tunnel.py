@@ -21,8 +21,7 @@ from peerup.core.errors import ConfigError, RetriesExhausted, ServiceError
 from peerup.core.node import Node, PeerAttribute
 from peerup.core.runtime import Runtime
 from peerup.core.settings import ProxySettings
-
-from harness import client_node, echo_handler, free_port, read_all, relay, serving_node, tcp_service
+from peerup.testing import client_node, echo_handler, free_port, read_all, relay, serving_node, tcp_service
 
 pytestmark = pytest.mark.anyio
 

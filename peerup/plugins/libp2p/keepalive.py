@@ -53,9 +53,7 @@ async def keep_alive(host: IHost, interval: float, timeout: float) -> None:
 
     async def check(peer: ID) -> None:
         if not await answers_ping(host, peer, timeout) and network.get_connections(peer):
-            log.warning(
-                "peer %s did not answer a keepalive ping within %g s: closing its connection", peer, timeout
-            )
+            log.warning("peer %s did not answer a keepalive ping within %g s: closing its connection", peer, timeout)
             with trio.move_on_after(timeout):
                 try:
                     await network.close_peer(peer)

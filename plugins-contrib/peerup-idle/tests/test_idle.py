@@ -18,11 +18,11 @@ from typing import Any
 
 import anyio
 import pytest
-from harness import echo_handler, make_settings, read_all, relay, tcp_service
 from peerup.core.node import Node
 from peerup.core.plugins import describe_plugins, load_plugins
 from peerup.core.runtime import Runtime
 from peerup.core.settings import ProxySettings, Settings
+from peerup.testing import echo_handler, make_settings, read_all, relay, tcp_service
 
 from peerup_idle import Counters, IdlePlugin
 

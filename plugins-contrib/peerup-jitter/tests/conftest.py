@@ -1,20 +1,14 @@
 """Fixtures for the jitter plugin's tests: trio, a clean environment, peerup's harness.
 
-The in-process harness (real libp2p hosts, a real relay) lives in peerup's own
-``tests/harness.py``; it is imported from the repository checkout rather than
-copied, so these tests exercise exactly what peerup's tests do.
+The in-process harness (real libp2p hosts, a real relay) ships with peerup as
+``peerup.testing``, so these tests use exactly what peerup's own tests use.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "tests"))
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from typing import Any
 
 import anyio
 import pytest
-from harness import free_port, make_settings
 from peerup.core.errors import ConfigError, PeerupError
 from peerup.core.hookspecs import hookimpl
 from peerup.core.node import Node, PeerRecord
@@ -32,6 +31,7 @@ from peerup.core.runtime import Runtime
 from peerup.core.settings import Settings, load_settings
 from peerup.plugins.backoff import ExponentialBackoff
 from peerup.plugins.libp2p.identity import create_identity
+from peerup.testing import free_port, make_settings
 
 from peerup_jitter import DecorrelatedJitter, JitterPlugin, RetryBudget
 

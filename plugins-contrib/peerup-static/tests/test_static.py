@@ -16,12 +16,12 @@ from typing import Any
 
 import anyio
 import pytest
-from harness import echo_handler, make_settings, read_all, tcp_service
 from peerup.core.errors import ConfigError, PeerNotFound
 from peerup.core.node import Node, PeerAttribute
 from peerup.core.plugins import describe_plugins, load_plugins
 from peerup.core.runtime import Runtime
 from peerup.core.settings import Settings
+from peerup.testing import echo_handler, make_settings, read_all, tcp_service
 
 from peerup_static import StaticPlugin
 

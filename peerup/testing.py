@@ -1,7 +1,10 @@
 """Real nodes for integration tests: a relay, serving nodes and clients in one process.
 
 Everything is real: libp2p hosts on 127.0.0.1, the built-in plugins loaded from
-the entry points, the core runtime, and TCP services on loopback sockets.
+the entry points, the core runtime, and TCP services on loopback sockets. It
+ships with peerup so that a plugin's own test suite, outside this repository,
+can start the same relay and nodes peerup's tests use (docs/plugins.md).
+Async helpers need the trio backend (``anyio_backend`` fixture returning "trio").
 """
 
 from __future__ import annotations
@@ -372,7 +375,7 @@ def init_home(home: Path, prefix: Sequence[str] = ()) -> str:
     """``peerup --home HOME init``; returns the new peer ID."""
     result = peerup_run(["--home", str(home), "init"], prefix)
     assert result.returncode == 0, result.stderr
-    return result.stdout.strip().splitlines()[-1]
+    return str(result.stdout).strip().splitlines()[-1]
 
 
 class CliTunnel:
