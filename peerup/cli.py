@@ -350,8 +350,8 @@ async def _run(settings: Settings, services: bool, proxies: list[ProxySettings])
         with accepting:
             _out(f"peer {node.peer_id}")
             if services:
-                if not settings.services:
-                    log.warning("no services configured: add --service NAME=HOST:PORT or [services] in the config")
+                if not settings.services and not proxies:
+                    log.warning("nothing to do: add --service NAME=HOST:PORT, [services] or [[proxies]] to the config")
                 runtime.expose(node, settings.services)
                 for service in settings.services.values():
                     _out(f"serving {service.name} -> {service.address}")

@@ -368,7 +368,8 @@ class Runtime:
 
     async def _proxy_connection(self, node: Node, proxy: ProxySettings, local: SocketStream) -> None:
         with self._tunnel():
-            client = local.extra(anyio.abc.SocketAttribute.remote_address)
+            address = local.extra(anyio.abc.SocketAttribute.remote_address)
+            client = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
             try:
                 remote = await self.open_service_stream(node, proxy.peer, proxy.service)
             except PeerupError as exc:
