@@ -176,8 +176,31 @@ def test_hook_with_misspelt_argument_is_rejected() -> None:
 
 def test_every_hook_is_documented() -> None:
     hooks = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "peerup_spec")]
-    assert sorted(hooks) == ["dial", "discover_peer", "open_node", "proxy_stream", "retry_policy"]
+    assert sorted(hooks) == ["configure", "dial", "discover_peer", "open_node", "proxy_stream", "retry_policy"]
     architecture = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
     for name in hooks:
         assert getattr(hookspecs, name).__doc__
         assert f"`{name}`" in architecture
+
+
+def test_configure_is_called_on_every_plugin_and_a_bad_section_stops_startup(home: Path) -> None:
+    from peerup.core.errors import ConfigError
+    from peerup.core.runtime import Runtime
+
+    seen: list[str] = []
+
+    class Checks:
+        def __init__(self, name: str, ok: bool) -> None:
+            self.name, self.ok = name, ok
+
+        @hookimpl
+        def configure(self, settings: Settings) -> None:
+            seen.append(self.name)
+            if not self.ok:
+                raise ConfigError(f"[plugin.{self.name}] level: expected a number")
+
+    settings = load_settings(home)
+    Runtime(settings, PluginHost.from_objects([("a", Checks("a", True)), ("b", Checks("b", True))]))
+    assert sorted(seen) == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"^\[plugin.bad\] level: expected a number$"):
+        Runtime(settings, PluginHost.from_objects([("good", Checks("good", True)), ("bad", Checks("bad", False))]))

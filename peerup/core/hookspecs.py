@@ -4,7 +4,8 @@ Every arrow of the data path is one hook::
 
     name -> discover_peer -> dial (wrapped by retry_policy) -> stream -> proxy_stream <-> TCP
 
-plus ``open_node``, which starts the transport those hooks use.
+plus ``open_node``, which starts the transport those hooks use, and
+``configure``, which lets each plugin check its own settings at start-up.
 
 How async hooks are called
 --------------------------
@@ -49,6 +50,18 @@ PROJECT = "peerup"
 hookspec = pluggy.HookspecMarker(PROJECT)
 #: What plugin authors decorate implementations with; accepts ``tryfirst``/``trylast``.
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def configure(settings: Settings) -> None:
+    """Check this plugin's settings once, at start-up, before any node runs.
+
+    Called on every active plugin after loading, in pluggy order. Validate your
+    ``[plugin.NAME]`` section here (:func:`peerup.core.settings.plugin_section`)
+    and raise :class:`~peerup.core.errors.ConfigError` on a bad value, so
+    ``peerup run`` stops with one line instead of failing at the first
+    connection. The return value is ignored.
+    """
 
 
 @hookspec(firstresult=True)

@@ -110,6 +110,21 @@ class PluginHost:
         except Exception as exc:
             raise PluginError(f"hook {hook_name} failed in a plugin: {type(exc).__name__}: {exc}") from exc
 
+    def call_all(self, hook_name: str, **kwargs: Any) -> list[Any]:
+        """A synchronous hook every plugin answers; a failure names its plugin."""
+        hook = getattr(self.pm.hook, hook_name)
+        results = []
+        for impl in reversed(hook.get_hookimpls()):
+            try:
+                results.append(impl.function(**{name: kwargs[name] for name in impl.argnames}))
+            except PeerupError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {self.origin(impl.plugin_name)} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                ) from exc
+        return results
+
     async def acall_first(self, hook_name: str, **kwargs: Any) -> Any:
         """Call an async hook: await results in pluggy order, stop at the first non-None.
 

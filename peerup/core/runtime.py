@@ -80,6 +80,7 @@ class Runtime:
     def __init__(self, settings: Settings, plugins: PluginHost) -> None:
         self.settings = settings
         self.plugins = plugins
+        plugins.call_all("configure", settings=settings)
         self._authorized_keys: AuthorizedKeys | None = None
         self._service_allow: dict[str, frozenset[str]] = {}
         self._streams_of: Counter[str] = Counter()

@@ -11,11 +11,12 @@ seed's (docs/adr/0003-timeouts-and-retries.md).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -266,10 +267,45 @@ def _one_line(exc: ValidationError, path: Path, flags: dict[str, Any]) -> str:
     loc = [str(part) for part in first["loc"]]
     field = ".".join(loc) or "settings"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    got = first.get("input")
+    return f"{_source_of(loc, path, flags)}: {field}: {_describe(first)}{more}"
+
+
+def _describe(error: Any) -> str:
+    """pydantic's message for one error, with the offending value when it is short."""
+    got = error.get("input")
     shown = "" if isinstance(got, dict | list) or got is None else f", got {got!r}"
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{_source_of(loc, path, flags)}: {field}: {message}{shown}{more}"
+    return f"{error['msg'].removeprefix('Value error, ')}{shown}"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def plugin_section(settings: Settings, name: str, model: type[M]) -> M:
+    """Validate a plugin's own ``[plugin.NAME]`` section with the plugin's model.
+
+    peerup keeps each section as plain data; the plugin owns the schema. A bad
+    value is one :class:`ConfigError` line naming where it came from (file or
+    ``PEERUP_PLUGIN__NAME__FIELD``), the section and the field, like peerup's
+    own settings. Lists and tables given in the environment as JSON are decoded.
+    """
+    raw = {key: _json_or_text(value) for key, value in settings.plugin.get(name, {}).items()}
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(part) for part in first["loc"]]
+        where = f"[plugin.{name}] {'.'.join(loc)}:" if loc else f"[plugin.{name}]"  # model-level checks: no field
+        source = _source_of(["plugin", name, *loc], settings.config_file, {})
+        raise ConfigError(f"{source}: {where} {_describe(first)}") from exc
+
+
+def _json_or_text(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # left as text: the model says what it expected
+    return value
 
 
 def _source_of(loc: list[str], path: Path, flags: dict[str, Any]) -> str:

@@ -148,7 +148,7 @@ def test_section_from_environment_and_bad_values_fail_at_startup(
     monkeypatch.setenv("PEERUP_PLUGIN__IDLE__TIMEOUTS__DB", "60")
     from peerup.core.settings import load_settings
 
-    assert IdlePlugin().configure(load_settings(tmp_path)).timeouts == {"llm": 300.0, "db": 60.0}
+    assert IdlePlugin().section(load_settings(tmp_path)).timeouts == {"llm": 300.0, "db": 60.0}
 
     monkeypatch.setenv("PEERUP_PLUGIN__IDLE__TIMEOUTS__DB", "0")
     result = _cli(tmp_path, "run", "--plugin", "idle")
@@ -162,7 +162,7 @@ def test_section_from_environment_and_bad_values_fail_at_startup(
 def test_listed_by_peerup_plugins(tmp_path: Path) -> None:
     rows = {row.name: row for row in describe_plugins(["idle"], ["proxy"])}
     assert (rows["idle"].distribution, rows["idle"].active, rows["proxy"].active) == ("peerup-idle", True, False)
-    assert set(rows["idle"].hooks) == {"open_node", "proxy_stream"}
+    assert set(rows["idle"].hooks) == {"configure", "proxy_stream"}
     listing = _cli(tmp_path, "plugins", "--plugin", "idle")
     assert listing.returncode == 0, listing.stderr
     row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("idle "))

@@ -168,7 +168,7 @@ def _write(home: Path, text: str) -> None:
 def test_section_from_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write(tmp_path, "[plugin.jitter]\nbase = 0.5\ncap = 4\nbudget = 3\n")
     monkeypatch.setenv("PEERUP_PLUGIN__JITTER__CAP", "8")
-    section = JitterPlugin().configure(load_settings(tmp_path))
+    section = JitterPlugin().section(load_settings(tmp_path))
     assert (section.base, section.cap, section.budget) == (0.5, 8.0, 3.0)
 
 
@@ -192,7 +192,7 @@ def test_bad_section_is_one_config_error_line(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as info:
-        JitterPlugin().configure(load_settings(tmp_path))
+        JitterPlugin().section(load_settings(tmp_path))
     expected = message.format(file=tmp_path / "config.toml")
     assert str(info.value) == expected
     assert "\n" not in str(info.value)
@@ -209,7 +209,7 @@ def test_listed_by_peerup_plugins_and_selected_by_flag(tmp_path: Path) -> None:
     rows = {row.name: row for row in describe_plugins()}
     assert rows["jitter"].distribution == "peerup-jitter"
     assert not rows["jitter"].active
-    assert set(rows["jitter"].hooks) == {"open_node", "retry_policy"}
+    assert set(rows["jitter"].hooks) == {"configure", "retry_policy"}
 
     listing = _cli(tmp_path, "plugins", "--plugin", "jitter", "--disable-plugin", "backoff")
     assert listing.returncode == 0, listing.stderr

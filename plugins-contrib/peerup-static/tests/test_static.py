@@ -129,7 +129,7 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_listed_by_peerup_plugins(tmp_path: Path) -> None:
     rows = {row.name: row for row in describe_plugins(["static"])}
     assert (rows["static"].distribution, rows["static"].active) == ("peerup-static", True)
-    assert set(rows["static"].hooks) == {"discover_peer", "open_node"}
+    assert set(rows["static"].hooks) == {"configure", "discover_peer"}
     listing = _cli(tmp_path, "plugins")
     assert listing.returncode == 0, listing.stderr
     row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("static "))

@@ -31,11 +31,9 @@ from typing import Annotated, Any
 import anyio
 from anyio.abc import ByteStream
 from peerup.core.hookspecs import hookimpl
-from peerup.core.settings import ServiceSettings, Settings
+from peerup.core.settings import ServiceSettings, Settings, plugin_section
 from peerup.plugins.proxy import proxy_stream as builtin_proxy_stream
 from pydantic import BaseModel, ConfigDict, Field
-
-from peerup_idle._section import load_section
 
 __all__ = ["Counters", "IdlePlugin", "IdleSettings"]
 
@@ -108,19 +106,19 @@ class IdlePlugin:
         """A snapshot: service name (or ``outbound``) -> totals."""
         return {key: replace(value) for key, value in self._counters.items()}
 
-    def configure(self, settings: Settings) -> IdleSettings:
-        return load_section(IdleSettings, settings, SECTION)
+    def section(self, settings: Settings) -> IdleSettings:
+        return plugin_section(settings, SECTION, IdleSettings)
 
     @hookimpl
-    def open_node(self, settings: Settings, role: str) -> None:
-        """Not a transport: checks ``[plugin.idle]`` at startup, so a typo fails fast."""
-        self.configure(settings)
+    def configure(self, settings: Settings) -> None:
+        """Check ``[plugin.idle]`` at startup, so a typo fails fast."""
+        self.section(settings)
 
     @hookimpl
     async def proxy_stream(
         self, local: ByteStream, remote: ByteStream, settings: Settings, service: ServiceSettings | None
     ) -> bool:
-        idle = self.configure(settings).timeout_for(service)
+        idle = self.section(settings).timeout_for(service)
         key = service.name if service is not None else OUTBOUND
         total = self._counters[key]
         total.connections += 1

@@ -22,10 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from peerup.core.hookspecs import hookimpl
-from peerup.core.settings import ServiceSettings, Settings
+from peerup.core.settings import ServiceSettings, Settings, plugin_section
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from peerup_jitter._section import load_section
 
 __all__ = ["DecorrelatedJitter", "JitterPlugin", "JitterSettings", "RetryBudget"]
 
@@ -129,9 +127,9 @@ class JitterPlugin:
         self._budget: RetryBudget | None = None
         self._rng = random.Random()
 
-    def configure(self, settings: Settings) -> JitterSettings:
+    def section(self, settings: Settings) -> JitterSettings:
         """Validate ``[plugin.jitter]`` once; a changed section gets a fresh budget."""
-        section = load_section(JitterSettings, settings, SECTION)
+        section = plugin_section(settings, SECTION, JitterSettings)
         if section != self._settings:
             self._settings = section
             self._budget = RetryBudget(section.budget, section.budget_refill)
@@ -139,17 +137,17 @@ class JitterPlugin:
         return section
 
     @hookimpl
-    def open_node(self, settings: Settings, role: str) -> None:
-        """Not a transport: only checks ``[plugin.jitter]`` at startup, so a typo fails fast.
+    def configure(self, settings: Settings) -> None:
+        """Check ``[plugin.jitter]`` at startup, so a typo fails fast.
 
         Without this the first error would appear at the first connection, as a
         log line, long after ``peerup run`` seemed to start fine.
         """
-        self.configure(settings)
+        self.section(settings)
 
     @hookimpl
     def retry_policy(self, settings: Settings, service: ServiceSettings | None) -> DecorrelatedJitter:
-        section = self.configure(settings)
+        section = self.section(settings)
         retry = settings.retry
         base = section.base if section.base is not None else retry.initial
         cap = section.cap if section.cap is not None else retry.max_delay

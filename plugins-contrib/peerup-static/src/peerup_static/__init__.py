@@ -29,10 +29,8 @@ from typing import Annotated
 from peerup.core.errors import ConfigError
 from peerup.core.hookspecs import hookimpl
 from peerup.core.node import Node, PeerRecord
-from peerup.core.settings import Settings
+from peerup.core.settings import Settings, plugin_section
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-
-from peerup_static._section import load_section
 
 __all__ = ["StaticPlugin", "StaticSettings"]
 
@@ -88,7 +86,7 @@ class StaticPlugin:
 
     def table(self, settings: Settings) -> dict[str, list[str]]:
         """Raw entries (keys as written), inline ones first overridden by the file's."""
-        section = load_section(StaticSettings, settings, SECTION)
+        section = plugin_section(settings, SECTION, StaticSettings)
         explicit = section.file is not None
         path = settings.home / (section.file or DEFAULT_FILE)
         try:
@@ -120,8 +118,8 @@ class StaticPlugin:
         return []
 
     @hookimpl
-    def open_node(self, settings: Settings, role: str) -> None:
-        """Not a transport: reads the table at startup so a bad file fails fast, in one line."""
+    def configure(self, settings: Settings) -> None:
+        """Read the table at startup so a bad file fails fast, in one line."""
         self.table(settings)
 
     @hookimpl
