@@ -11,8 +11,6 @@ import argparse
 import contextlib
 import http.server
 import os
-import re
-import signal
 import socketserver
 import subprocess
 import sys
@@ -23,49 +21,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from peerup.testing import CliProc
+
 PEERUP = [sys.executable, "-m", "peerup"]
-
-
-class Proc:
-    """A child ``peerup`` whose stdout/stderr lines are collected as they arrive."""
-
-    def __init__(self, name: str, args: list[str]) -> None:
-        self.name = name
-        self.lines: list[str] = []
-        self.errors: list[str] = []
-        self.popen = subprocess.Popen(
-            [*PEERUP, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
-        )
-        for stream, sink in ((self.popen.stdout, self.lines), (self.popen.stderr, self.errors)):
-            threading.Thread(target=self._collect, args=(stream, sink), daemon=True).start()
-
-    @staticmethod
-    def _collect(stream: object, sink: list[str]) -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            sink.append(line.rstrip("\n"))
-
-    def wait_for(self, pattern: str, timeout: float = 30.0, stderr: bool = False) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        regex = re.compile(pattern)
-        while time.monotonic() < deadline:
-            for line in list(self.errors if stderr else self.lines):
-                match = regex.search(line)
-                if match:
-                    return match
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.05)
-        tail = "\n".join(self.errors[-10:])
-        raise SystemExit(f"demo: {self.name} did not print /{pattern}/ (exit {self.popen.poll()}):\n{tail}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
 
 
 @contextlib.contextmanager
@@ -94,7 +52,7 @@ def say(text: str) -> None:
 
 
 def run(keep: bool) -> int:
-    procs: list[Proc] = []
+    procs: list[CliProc] = []
     with tempfile.TemporaryDirectory(prefix="peerup-demo-") as tmp, web_service(Path(tmp)) as web_port:
         homes = {name: Path(tmp) / name for name in ("relay", "home", "laptop")}
         for home in homes.values():
@@ -112,13 +70,13 @@ def run(keep: bool) -> int:
         print(added.stdout.strip())
         try:
             say("relay: peerup relay serve (circuit relay v2 + DHT bootstrap, default port 7777)")
-            relay = Proc("relay", ["--home", str(homes["relay"]), "relay", "serve"])
+            relay = CliProc("relay", ["--home", str(homes["relay"]), "relay", "serve"])
             procs.append(relay)
             relay_addr = relay.wait_for(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\S+)").group(1)
             print(f"relay address: {relay_addr}")
 
             say(f"home: peerup serve --service web=127.0.0.1:{web_port} --relay <relay>")
-            server = Proc(
+            server = CliProc(
                 "serve",
                 [
                     "--home",
@@ -137,7 +95,7 @@ def run(keep: bool) -> int:
             print(f"serving node {peer_id} holds a slot on the relay")
 
             say("laptop: peerup proxy <peer> web 0 --relay <relay>")
-            proxy = Proc(
+            proxy = CliProc(
                 "proxy",
                 ["--home", str(homes["laptop"]), "-v", "proxy", peer_id, "web", "0", "--relay", relay_addr],
             )
@@ -181,7 +139,7 @@ def run(keep: bool) -> int:
             ok = "hello from the machine behind NAT" in body and ping.returncode == 0
             say("demo " + ("succeeded" if ok else "FAILED"))
             return 0 if ok else 1
-        except (OSError, SystemExit) as exc:
+        except (OSError, AssertionError) as exc:
             say(f"demo FAILED: {exc}")
             for proc in procs:
                 print(f"-- last log lines of {proc.name}:")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from peerup.demo import Proc
+from peerup.testing import CliProc as Proc
 
 pytestmark = pytest.mark.system
 
