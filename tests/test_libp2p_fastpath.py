@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 from libp2p.custom_types import TProtocol
+from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from peerup.core.settings import load_settings
 from peerup.plugins.libp2p import fastpath
-from peerup.plugins.libp2p.node import open_libp2p_node
+from peerup.plugins.libp2p.node import Libp2pNode, open_libp2p_node
 
 pytestmark = pytest.mark.anyio
 PROTOCOL = TProtocol("/peerup-test/fastpath/1.0.0")
@@ -100,6 +101,12 @@ async def _pair(tmp_path: Path):  # type: ignore[no-untyped-def]
     return a_settings, b_settings
 
 
+def _yamux_of(node: Libp2pNode, peer: Libp2pNode) -> Yamux:
+    conn = node.host.get_network().get_connections(peer.host.get_id())[0].muxed_conn
+    assert isinstance(conn, Yamux)
+    return conn
+
+
 async def test_more_than_256_streams_at_once_on_one_connection(tmp_path: Path) -> None:
     """(4) Upstream's yamux let 256 streams be open per connection and the 257th wait silently."""
     count = 300
@@ -126,7 +133,7 @@ async def test_more_than_256_streams_at_once_on_one_connection(tmp_path: Path) -
                 for _ in range(count):
                     nursery.start_soon(open_one)
         assert len(streams) == count
-        conn = b.host.get_network().get_connections(a.host.get_id())[0].muxed_conn
+        conn = _yamux_of(b, a)
         assert conn.stream_backlog_limit == fastpath.YAMUX_MAX_STREAMS
         release.set()
         for stream in streams:
@@ -141,7 +148,7 @@ async def test_a_full_connection_refuses_a_stream_at_once_and_says_why(tmp_path:
     async with open_libp2p_node(a_settings, "node") as a, open_libp2p_node(b_settings, "node") as b:
         a.host.set_stream_handler(PROTOCOL, lambda stream: trio.sleep(5))
         assert await b._connect_direct(a.host.get_id(), a.direct_addrs()[0]) is None
-        conn = b.host.get_network().get_connections(a.host.get_id())[0].muxed_conn
+        conn = _yamux_of(b, a)
         conn.stream_backlog_limit = 1
         conn.stream_backlog_semaphore = trio.Semaphore(1)
         first = await conn.open_stream()

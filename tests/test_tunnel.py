@@ -235,3 +235,28 @@ async def test_peer_never_up_gives_up_after_the_policy(tmp_path: Path, caplog: p
                 await runtime.open_service_stream(client, gone_id, "svc")
     delays = retry_delays(caplog)
     assert delays == ["0.2 s", "0.4 s", "0.8 s"]
+
+
+async def test_a_burst_on_a_cold_tunnel_makes_one_lookup_and_one_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """100 local connections at once to a peer not yet connected: one discovery, one dial."""
+    caplog.set_level(logging.INFO, logger="peerup.libp2p")
+    async with tcp_service(echo_handler) as addr, tunnel(tmp_path, addr) as (port, _, _):
+        results: list[bool] = []
+
+        async def one(index: int) -> None:
+            payload = index.to_bytes(4, "big") * 100
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            async with stream:
+                await stream.send(payload)
+                await stream.send_eof()
+                results.append(await read_all(stream) == payload)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for index in range(100):
+                    tg.start_soon(one, index)
+    lookups = [r for r in caplog.records if "address(es) from" in r.getMessage()]
+    assert results == [True] * 100
+    assert len(lookups) == 1, [r.getMessage() for r in lookups]

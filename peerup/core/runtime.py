@@ -84,6 +84,7 @@ class Runtime:
         self._authorized_keys: AuthorizedKeys | None = None
         self._service_allow: dict[str, frozenset[str]] = {}
         self._streams_of: Counter[str] = Counter()
+        self._connecting: dict[str, anyio.Lock] = {}
         self._last_logged: dict[tuple[str, str], float] = {}
         self._open_tunnels = 0
         self._idle = anyio.Event()
@@ -128,13 +129,28 @@ class Runtime:
         return record
 
     async def _dial(self, node: Node, peer_id: str, protocol: str) -> tuple[ByteStream, PeerRecord]:
-        record = await self.connect_to_peer(node, peer_id)
+        """Discover, then open a stream; one connection attempt per peer at a time.
+
+        When many local connections arrive for a peer that is not connected yet
+        (a browser opening 50 sockets, a benchmark opening 1000), the first one
+        discovers and connects while the others wait, then they all reuse its
+        connection instead of each running a lookup and a dial of its own.
+        """
+        async with self._connecting.setdefault(peer_id, anyio.Lock()):
+            # Held only while not connected: once a connection exists, discovery
+            # answers at once ("connected") and streams open outside the lock.
+            record = await self.connect_to_peer(node, peer_id)
+            if not record.connected:
+                return await self._open(node, record, protocol), record
+        return await self._open(node, record, protocol), record
+
+    async def _open(self, node: Node, record: PeerRecord, protocol: str) -> ByteStream:
         stream: ByteStream | None = await self.plugins.acall_first(
             "dial", node=node, peer=record, protocol=protocol, settings=self.settings
         )
         if stream is None:
-            raise PeerUnreachable(f"peer {short(peer_id)}: no active plugin can dial it")
-        return stream, record
+            raise PeerUnreachable(f"peer {short(record.peer_id)}: no active plugin can dial it")
+        return stream
 
     def retry_policy(self, service: ServiceSettings | None) -> RetryPolicy:
         policy: RetryPolicy | None = self.plugins.call_first("retry_policy", settings=self.settings, service=service)

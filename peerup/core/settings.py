@@ -108,7 +108,7 @@ class AuthSettings(_Strict):
     """Who may open service streams (docs/security.md)."""
 
     allow_all: bool = Field(False, description="DANGER: serve any peer, ignoring authorized_keys")
-    max_streams_per_peer: int = Field(64, ge=1, description="open service streams one peer may hold")
+    max_streams_per_peer: int = Field(256, ge=1, description="open service streams one peer may hold")
 
 
 class RelaySettings(_Strict):
