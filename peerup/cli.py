@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     auth_add.add_argument("peer", help="peer ID, or a name from [peers]")
     auth_add.add_argument("--comment", default="", help="a note kept after the ID, e.g. the machine's name")
     auth_sub.add_parser("list", help="list authorized peers")
-    auth_remove = auth_sub.add_parser("remove", help="revoke a peer (open connections are not cut)")
+    auth_remove = auth_sub.add_parser("remove", help="revoke a peer (a running node also closes its open tunnels)")
     auth_remove.add_argument("peer", help="peer ID, or a name from [peers]")
 
     plugins = sub.add_parser("plugins", help="list installed plugins and whether they are active")
@@ -353,6 +353,7 @@ async def _run(settings: Settings, services: bool, proxies: list[ProxySettings])
                 if not settings.services and not proxies:
                     log.warning("nothing to do: add --service NAME=HOST:PORT, [services] or [[proxies]] to the config")
                 runtime.expose(node, settings.services)
+                tunnels.start_soon(runtime.watch_authorized_keys)
                 for service in settings.services.values():
                     _out(f"serving {service.name} -> {service.address}")
             for addr in node.listen_addrs():

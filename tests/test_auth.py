@@ -140,6 +140,29 @@ async def test_service_allowlist_narrows_authorized_keys(tmp_path: Path) -> None
     assert service.connections == 2
 
 
+async def test_revoking_a_peer_closes_its_open_tunnels(tmp_path: Path) -> None:
+    service = CountingEcho()
+    async with (
+        tcp_service(service) as addr,
+        relay(tmp_path) as relay_addr,
+        client_node(tmp_path, relay_addr, "alice") as (alice_rt, alice),
+        serving_node(tmp_path, relay_addr, {"ssh": addr}, authorized=[alice.peer_id]) as (server_rt, server),
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(server_rt.watch_authorized_keys, 0.1)
+        with anyio.fail_after(20):
+            stream = await alice_rt.open_service_stream(alice, server.peer_id, "ssh")
+            await stream.send(b"still here")
+            assert await stream.receive() == b"still here"
+            auth.remove(server_rt.settings.authorized_keys_file, alice.peer_id, parse_peer_id)
+            # The open tunnel is closed by the serving side: alice reads the end of it.
+            assert await read_all(stream) == b""
+            await stream.aclose()
+            while server_rt.open_tunnels:
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+
+
 def test_malformed_lines_are_reported_with_line_numbers_and_skipped(tmp_path: Path) -> None:
     good = "12D3KooWLT51cyYefJ7fu8GvJ2PMLVU2fGede1P9tfM4FPqjj6To"
     text = f"# laptops\n\n{good} my laptop\n12D3KooWabc typo\n   \nrm -rf /\n"

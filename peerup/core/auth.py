@@ -78,17 +78,18 @@ class AuthorizedKeys:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def refresh(self) -> None:
+    def refresh(self) -> bool:
+        """Re-read the file if it changed; ``True`` when the list may have changed."""
         stamp = self._current_stamp()
         if stamp == self._stamp:
-            return
+            return False
         try:
             text = self.path.read_text(encoding="utf-8") if stamp is not None else ""
         except (OSError, UnicodeDecodeError) as exc:
             # Keep the last good list: a half-written or unreadable file must
             # neither lock everyone out mid-session nor let anyone in.
             log.error("%s: cannot read (%s); keeping the previous %d entries", self.path, exc, len(self._peers))
-            return
+            return False
         self.entries, self.problems = parse(text, self._parse_peer_id)
         for problem in self.problems:
             log.warning("%s: %s; line skipped", self.path, problem)
@@ -96,6 +97,7 @@ class AuthorizedKeys:
         if self._stamp is not None:
             log.info("%s changed: %d authorized peers", self.path, len(self._peers))
         self._stamp = stamp
+        return True
 
     def allows(self, peer_id: str) -> bool:
         self.refresh()

@@ -85,6 +85,8 @@ class Runtime:
         self._service_allow: dict[str, frozenset[str]] = {}
         self._streams_of: Counter[str] = Counter()
         self._connecting: dict[str, anyio.Lock] = {}
+        #: Open tunnels served to each peer, so revoking a peer can close them.
+        self._serving: dict[str, list[tuple[ServiceSettings, anyio.CancelScope]]] = {}
         self._last_logged: dict[tuple[str, str], float] = {}
         self._open_tunnels = 0
         self._idle = anyio.Event()
@@ -302,12 +304,37 @@ class Runtime:
             await self._refuse(stream, "busy", f"too many open connections from this peer (limit {limit})")
             return
         self._streams_of[remote_peer] += 1
+        entry = (service, anyio.CancelScope())
+        self._serving.setdefault(remote_peer, []).append(entry)
         try:
-            await self._connect_local(service, stream, remote_peer)
+            with entry[1]:
+                await self._connect_local(service, stream, remote_peer)
         finally:
+            self._serving[remote_peer].remove(entry)
+            if not self._serving[remote_peer]:
+                del self._serving[remote_peer]
             self._streams_of[remote_peer] -= 1
             if not self._streams_of[remote_peer]:
                 del self._streams_of[remote_peer]
+
+    def revoke(self) -> int:
+        """Close the open tunnels of peers no longer authorized; how many were closed."""
+        closed = 0
+        for peer, entries in list(self._serving.items()):
+            revoked = [scope for service, scope in entries if not self._authorized(service, peer)]
+            if revoked:
+                log.warning("peer %s is no longer authorized: closing its %d open tunnels", peer, len(revoked))
+            for scope in revoked:
+                scope.cancel()
+                closed += 1
+        return closed
+
+    async def watch_authorized_keys(self, interval: float = 2.0) -> None:
+        """Poll ``authorized_keys``; a removed peer loses its open tunnels, not only new ones."""
+        while True:
+            await anyio.sleep(interval)
+            if self._authorized_keys is not None and self._authorized_keys.refresh():
+                self.revoke()
 
     async def _connect_local(self, service: ServiceSettings, stream: ByteStream, remote_peer: str) -> None:
         with self._tunnel():
