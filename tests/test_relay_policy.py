@@ -58,3 +58,22 @@ async def test_relay_circuit_cap_refuses_beyond_the_limit(tmp_path: Path) -> Non
             with pytest.raises(PeerupError):
                 await rt2.open_service_stream(two, server.peer_id, "svc")
             assert await echo(first, b"first") == b"first"
+
+
+async def test_an_idle_circuit_ends_at_its_duration(tmp_path: Path) -> None:
+    """relay.circuit_duration holds for a quiet circuit too (upstream checked it per byte)."""
+    async with (
+        tcp_service(echo_handler) as addr,
+        relay(tmp_path, circuit_duration=1) as relay_addr,
+        serving_node(tmp_path, relay_addr, {"svc": addr}) as (_, server),
+        client_node(tmp_path, relay_addr) as (rt, client),
+    ):
+        with anyio.fail_after(20):
+            stream = await rt.open_service_stream(client, server.peer_id, "svc")
+            await stream.send(b"hi")
+            assert await stream.receive() == b"hi"
+            started = anyio.current_time()
+            assert await read_all(stream) == b""  # nothing more is sent: the relay ends the circuit
+            ended = anyio.current_time() - started
+            await stream.aclose()
+    assert ended < 3

@@ -12,7 +12,10 @@ has faults a tunnel for long SSH sessions cannot live with:
 2. **A 15 s write deadline** (:915, ``write_timeout``, read from the code, not
    measured): a reader paused longer than that (a suspended terminal) would
    have its circuit cut.
-3. **EOF treated as an error**: a yamux EOF is not among the "closed"
+3. **Circuit duration checked only when data arrives** (:838): an idle circuit
+   outlives ``relay.circuit_duration`` until its next byte. Here the pump wakes
+   at the deadline.
+4. **EOF treated as an error**: a yamux EOF is not among the "closed"
    exceptions it knows (:278 lists mplex ones), so it is retried and logged as
    an error before the circuit is torn down.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -99,7 +103,14 @@ async def _pump(
             await _reset_both(src_stream, dst_stream)
             return
         try:
-            data = await src_stream.read(READ_SIZE)
+            # The duration is enforced while idle too (upstream checks it only
+            # when data arrives, protocol.py:838): wake up at the deadline.
+            remaining = math.inf if deadline is None else max(0.0, deadline - time.monotonic())
+            with trio.move_on_after(remaining):
+                data = await src_stream.read(READ_SIZE)
+                remaining = -1.0
+            if remaining >= 0:
+                continue  # the deadline passed without data: the check above ends the circuit
         except EOFError:  # StreamEOF and MuxedStreamEOF are EOFErrors
             data = b""
         except Exception:  # noqa: BLE001 - reset or broken connection: abort this circuit
