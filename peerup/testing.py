@@ -106,6 +106,18 @@ async def tcp_service(handler: Handler) -> AsyncIterator[str]:
             tg.cancel_scope.cancel()
 
 
+async def tcp_pair() -> tuple[SocketStream, SocketStream]:
+    """The two ends of one real TCP connection on 127.0.0.1: (client, server)."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async with listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        client = await anyio.connect_tcp("127.0.0.1", port)
+        inner = listener.listeners[0]
+        assert isinstance(inner, anyio.abc.SocketListener)
+        server = await inner.accept()
+    return client, server
+
+
 async def echo_handler(stream: SocketStream) -> None:
     """Echo until EOF, then half-close: the shape of a request/response service."""
     async with stream:

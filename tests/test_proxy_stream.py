@@ -19,27 +19,16 @@ from anyio.abc import SocketStream
 
 from peerup.core.settings import load_settings
 from peerup.plugins.proxy import proxy_stream
+from peerup.testing import tcp_pair
 
 pytestmark = pytest.mark.anyio
-
-
-async def socket_pair() -> tuple[SocketStream, SocketStream]:
-    """Two ends of one real TCP connection on 127.0.0.1."""
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    async with listener:
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        client = await anyio.connect_tcp("127.0.0.1", port)
-        inner = listener.listeners[0]
-        assert isinstance(inner, anyio.abc.SocketListener)
-        server = await inner.accept()
-    return client, server
 
 
 @asynccontextmanager
 async def proxied(home: Path) -> AsyncIterator[tuple[SocketStream, SocketStream]]:
     """(app, service): bytes from ``app`` reach ``service`` through proxy_stream."""
-    app, local = await socket_pair()
-    remote, service = await socket_pair()
+    app, local = await tcp_pair()
+    remote, service = await tcp_pair()
     settings = load_settings(home)
     async with anyio.create_task_group() as tg:
         tg.start_soon(proxy_stream, local, remote, settings, None)
@@ -114,8 +103,8 @@ async def test_abort_on_one_side_closes_the_other(home: Path, side: str) -> None
 
 async def test_idle_timeout_when_configured(home: Path) -> None:
     (home / "config.toml").write_text("[timeouts]\nidle = 0.3\n")
-    app, local = await socket_pair()
-    remote, service = await socket_pair()
+    app, local = await tcp_pair()
+    remote, service = await tcp_pair()
     settings = load_settings(home)
     with anyio.fail_after(5):
         assert await proxy_stream(local, remote, settings, None) is True

@@ -8,19 +8,14 @@ from anyio.abc import SocketStream
 
 from peerup.core import wire
 from peerup.core.errors import PeerupError, ServiceError
+from peerup.testing import tcp_pair
 
 pytestmark = pytest.mark.anyio
 
 
 async def answered(answer: bytes, close: bool = True) -> tuple[SocketStream, SocketStream]:
     """(client, server) ends of a real TCP connection; the server has sent ``answer``."""
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    async with listener:
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        client = await anyio.connect_tcp("127.0.0.1", port)
-        inner = listener.listeners[0]
-        assert isinstance(inner, anyio.abc.SocketListener)
-        server = await inner.accept()
+    client, server = await tcp_pair()
     if answer:
         await server.send(answer)
     if close:

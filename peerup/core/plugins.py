@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -110,19 +111,28 @@ class PluginHost:
         except Exception as exc:
             raise PluginError(f"hook {hook_name} failed in a plugin: {type(exc).__name__}: {exc}") from exc
 
+    def _in_order(self, hook_name: str) -> list[Any]:
+        """Implementations in pluggy's call order (it stores them first-registered-first)."""
+        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+
+    @contextmanager
+    def _blame(self, impl: Any, hook_name: str) -> Iterator[None]:
+        """A plugin's unexpected exception becomes one PluginError line naming it."""
+        try:
+            yield
+        except PeerupError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {self.origin(impl.plugin_name)} failed in {hook_name}: {type(exc).__name__}: {exc}"
+            ) from exc
+
     def call_all(self, hook_name: str, **kwargs: Any) -> list[Any]:
         """A synchronous hook every plugin answers; a failure names its plugin."""
-        hook = getattr(self.pm.hook, hook_name)
         results = []
-        for impl in reversed(hook.get_hookimpls()):
-            try:
+        for impl in self._in_order(hook_name):
+            with self._blame(impl, hook_name):
                 results.append(impl.function(**{name: kwargs[name] for name in impl.argnames}))
-            except PeerupError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {self.origin(impl.plugin_name)} failed in {hook_name}: {type(exc).__name__}: {exc}"
-                ) from exc
         return results
 
     async def acall_first(self, hook_name: str, **kwargs: Any) -> Any:
@@ -131,20 +141,11 @@ class PluginHost:
         Each implementation is called on its own (not through pluggy's loop) so a
         failure names its plugin and losing coroutines are never created.
         """
-        hook = getattr(self.pm.hook, hook_name)
-        # pluggy keeps implementations first-registered-first; it calls them in reverse.
-        for impl in reversed(hook.get_hookimpls()):
-            args = {name: kwargs[name] for name in impl.argnames}
-            try:
-                result = impl.function(**args)
+        for impl in self._in_order(hook_name):
+            with self._blame(impl, hook_name):
+                result = impl.function(**{name: kwargs[name] for name in impl.argnames})
                 if inspect.isawaitable(result):
                     result = await _await(result)
-            except PeerupError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {self.origin(impl.plugin_name)} failed in {hook_name}: {type(exc).__name__}: {exc}"
-                ) from exc
             if result is not None:
                 return result
         return None
