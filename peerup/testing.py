@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import SocketStream
+from anyio.abc import ByteStream, SocketStream
 
 from peerup.core.node import Node
 from peerup.core.plugins import load_plugins
@@ -186,13 +186,17 @@ async def proxy_listener(runtime: Runtime, node: Node, peer: str, service: str =
             tg.cancel_scope.cancel()
 
 
-async def echo_roundtrip(port: int, payload: bytes) -> bytes:
-    """Connect to 127.0.0.1:port, send ``payload``, half-close, read everything back."""
-    stream = await anyio.connect_tcp("127.0.0.1", port)
+async def exchange(stream: ByteStream, payload: bytes) -> bytes:
+    """Send ``payload``, half-close, read everything back, close: one request/response."""
     async with stream:
         await stream.send(payload)
         await stream.send_eof()
         return await read_all(stream)
+
+
+async def echo_roundtrip(port: int, payload: bytes) -> bytes:
+    """:func:`exchange` over a new TCP connection to 127.0.0.1:port."""
+    return await exchange(await anyio.connect_tcp("127.0.0.1", port), payload)
 
 
 class Cable:

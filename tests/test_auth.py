@@ -22,7 +22,7 @@ from peerup.core.runtime import Runtime
 from peerup.core.settings import ServiceSettings
 from peerup.plugins.libp2p.node import Libp2pNode, parse_peer_id
 from peerup.plugins.libp2p.stream import Libp2pByteStream
-from peerup.testing import client_node, read_all, relay, serving_node, tcp_service
+from peerup.testing import client_node, echo_handler, exchange, read_all, relay, serving_node, tcp_service
 
 pytestmark = pytest.mark.anyio
 
@@ -35,21 +35,7 @@ class CountingEcho:
 
     async def __call__(self, stream: SocketStream) -> None:
         self.connections += 1
-        async with stream:
-            try:
-                async for chunk in stream:
-                    await stream.send(chunk)
-                await stream.send_eof()
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
-
-
-async def echo_through(stream: object, payload: bytes) -> bytes:
-    await stream.send(payload)  # type: ignore[attr-defined]
-    await stream.send_eof()  # type: ignore[attr-defined]
-    reply = await read_all(stream)
-    await stream.aclose()  # type: ignore[attr-defined]
-    return reply
+        await echo_handler(stream)
 
 
 @asynccontextmanager
@@ -76,7 +62,7 @@ async def test_only_authorized_peers_reach_the_service(tmp_path: Path) -> None:
     ):
         with anyio.fail_after(20):
             stream = await alice_rt.open_service_stream(alice, server.peer_id, "ssh")
-            assert await echo_through(stream, b"hello") == b"hello"
+            assert await exchange(stream, b"hello") == b"hello"
             assert service.connections == 1
             with pytest.raises(ServiceError) as info:
                 await mallory_rt.open_service_stream(mallory, server.peer_id, "ssh")
@@ -102,7 +88,7 @@ async def test_authorized_keys_changes_apply_without_restart(tmp_path: Path) -> 
                 await alice_rt.open_service_stream(alice, server.peer_id, "ssh")
             auth.add(keys, alice.peer_id, "alice's laptop", parse_peer_id)
             stream = await alice_rt.open_service_stream(alice, server.peer_id, "ssh")
-            assert await echo_through(stream, b"in") == b"in"
+            assert await exchange(stream, b"in") == b"in"
             assert auth.remove(keys, alice.peer_id, parse_peer_id)
             with pytest.raises(ServiceError, match="not authorized"):
                 await alice_rt.open_service_stream(alice, server.peer_id, "ssh")
@@ -132,11 +118,11 @@ async def test_service_allowlist_narrows_authorized_keys(tmp_path: Path) -> None
         server_rt.expose(server, narrowed)
         with anyio.fail_after(30):
             stream = await mallory_rt.open_service_stream(mallory, server.peer_id, "web")
-            assert await echo_through(stream, b"web") == b"web"
+            assert await exchange(stream, b"web") == b"web"
             with pytest.raises(ServiceError, match="not authorized for service 'ssh'"):
                 await mallory_rt.open_service_stream(mallory, server.peer_id, "ssh")
             stream = await alice_rt.open_service_stream(alice, server.peer_id, "ssh")
-            assert await echo_through(stream, b"ssh") == b"ssh"
+            assert await exchange(stream, b"ssh") == b"ssh"
     assert service.connections == 2
 
 
@@ -230,7 +216,7 @@ async def test_garbage_and_floods_do_not_take_the_node_down(tmp_path: Path) -> N
             assert refused == 100
             # 4. The node still serves the next good client.
             stream = await alice_rt.open_service_stream(alice, server.peer_id, "ssh")
-            assert await echo_through(stream, b"still here") == b"still here"
+            assert await exchange(stream, b"still here") == b"still here"
     assert service.connections == 1
 
 

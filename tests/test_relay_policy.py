@@ -10,17 +10,9 @@ import pytest
 from peerup.core.errors import PeerupError
 from peerup.plugins.libp2p.identity import create_identity
 from peerup.plugins.libp2p.node import Libp2pNode
-from peerup.testing import client_node, echo_handler, read_all, relay, serving_node, tcp_service
+from peerup.testing import client_node, echo_handler, exchange, read_all, relay, serving_node, tcp_service
 
 pytestmark = pytest.mark.anyio
-
-
-async def echo(stream: object, payload: bytes) -> bytes:
-    await stream.send(payload)  # type: ignore[attr-defined]
-    await stream.send_eof()  # type: ignore[attr-defined]
-    reply = await read_all(stream)
-    await stream.aclose()  # type: ignore[attr-defined]
-    return reply
 
 
 async def test_relay_allowlist_refuses_reservations_and_circuits_of_others(tmp_path: Path) -> None:
@@ -39,7 +31,7 @@ async def test_relay_allowlist_refuses_reservations_and_circuits_of_others(tmp_p
             async with client_node(tmp_path, relay_addr) as (rt, client):
                 with anyio.fail_after(20):
                     stream = await rt.open_service_stream(client, server.peer_id, "svc")
-                    assert await echo(stream, b"allowed") == b"allowed"
+                    assert await exchange(stream, b"allowed") == b"allowed"
             async with client_node(tmp_path, relay_addr, "stranger") as (rt, stranger):
                 with anyio.fail_after(20), pytest.raises(PeerupError):
                     await rt.open_service_stream(stranger, server.peer_id, "svc")
@@ -57,7 +49,7 @@ async def test_relay_circuit_cap_refuses_beyond_the_limit(tmp_path: Path) -> Non
             first = await rt1.open_service_stream(one, server.peer_id, "svc")  # holds the only circuit
             with pytest.raises(PeerupError):
                 await rt2.open_service_stream(two, server.peer_id, "svc")
-            assert await echo(first, b"first") == b"first"
+            assert await exchange(first, b"first") == b"first"
 
 
 async def test_an_idle_circuit_ends_at_its_duration(tmp_path: Path) -> None:
