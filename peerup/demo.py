@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from peerup.testing import CliProc
+from peerup.testing import CliTunnel
 
 PEERUP = [sys.executable, "-m", "peerup"]
 
@@ -52,9 +52,9 @@ def say(text: str) -> None:
 
 
 def run(keep: bool) -> int:
-    procs: list[CliProc] = []
     with tempfile.TemporaryDirectory(prefix="peerup-demo-") as tmp, web_service(Path(tmp)) as web_port:
         homes = {name: Path(tmp) / name for name in ("relay", "home", "laptop")}
+        procs = CliTunnel(Path(tmp))
         for home in homes.values():
             subprocess.run([*PEERUP, "--home", str(home), "init"], check=True, capture_output=True)
         laptop_id = subprocess.run(
@@ -70,13 +70,12 @@ def run(keep: bool) -> int:
         print(added.stdout.strip())
         try:
             say("relay: peerup relay serve (circuit relay v2 + DHT bootstrap, default port 7777)")
-            relay = CliProc("relay", ["--home", str(homes["relay"]), "relay", "serve"])
-            procs.append(relay)
+            relay = procs.start("relay", ["--home", str(homes["relay"]), "relay", "serve"])
             relay_addr = relay.wait_for(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\S+)").group(1)
             print(f"relay address: {relay_addr}")
 
             say(f"home: peerup serve --service web=127.0.0.1:{web_port} --relay <relay>")
-            server = CliProc(
+            server = procs.start(
                 "serve",
                 [
                     "--home",
@@ -89,17 +88,15 @@ def run(keep: bool) -> int:
                     relay_addr,
                 ],
             )
-            procs.append(server)
             peer_id = server.wait_for(r"^peer (\S+)").group(1)
             server.wait_for(r"reachable at (\S+p2p-circuit\S+)")
             print(f"serving node {peer_id} holds a slot on the relay")
 
             say("laptop: peerup proxy <peer> web 0 --relay <relay>")
-            proxy = CliProc(
+            proxy = procs.start(
                 "proxy",
                 ["--home", str(homes["laptop"]), "-v", "proxy", peer_id, "web", "0", "--relay", relay_addr],
             )
-            procs.append(proxy)
             port = int(proxy.wait_for(r"forwarding 127\.0\.0\.1:(\d+)").group(1))
             print(f"local port {port} now leads to 'web' on {peer_id[:12]}…")
 
@@ -134,20 +131,17 @@ def run(keep: bool) -> int:
             if keep:
                 say("running until Ctrl-C (--keep)")
                 with contextlib.suppress(KeyboardInterrupt):
-                    while all(p.popen.poll() is None for p in procs):
+                    while all(p.popen.poll() is None for p in procs.procs):
                         time.sleep(0.5)
             ok = "hello from the machine behind NAT" in body and ping.returncode == 0
             say("demo " + ("succeeded" if ok else "FAILED"))
             return 0 if ok else 1
         except (OSError, AssertionError) as exc:
             say(f"demo FAILED: {exc}")
-            for proc in procs:
-                print(f"-- last log lines of {proc.name}:")
-                print("\n".join(proc.errors[-15:]))
+            print(procs.logs())
             return 1
         finally:
-            for proc in reversed(procs):
-                proc.stop()
+            procs.stop()
 
 
 def main() -> None:

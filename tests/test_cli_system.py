@@ -8,24 +8,28 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from peerup.testing import CliProc as Proc
+from peerup.testing import CliProc, CliTunnel, peerup_run
 
 pytestmark = pytest.mark.system
 
-PEERUP = [sys.executable, "-m", "peerup"]
-
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PEERUP, "--home", str(home), *args], capture_output=True, text=True, timeout=120, check=False
-    )
+    result: subprocess.CompletedProcess[str] = peerup_run(["--home", str(home), *args], timeout=120)
+    return result
+
+
+def start_proxy(nodes: dict[str, object], who: str, name: str) -> CliProc:
+    """``peerup proxy <server> echo 0`` from ``who``'s home, through the module's relay."""
+    homes = nodes["homes"]
+    assert isinstance(homes, dict)
+    args = ["--home", str(homes[who]), "proxy", str(nodes["peer_id"]), "echo", "0", "--relay", str(nodes["relay_addr"])]
+    return CliProc(name, args)
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +69,22 @@ def nodes(tmp_path_factory: pytest.TempPathFactory, echo_server: int) -> Iterato
         assert cli(home, "init").returncode == 0
     laptop_id = cli(homes["laptop"], "whoami").stdout.strip()
     assert cli(homes["home"], "auth", "add", laptop_id, "--comment", "laptop").returncode == 0
-    procs: list[Proc] = []
+    procs = CliTunnel(tmp_path)
     try:
-        relay = Proc("relay", ["--home", str(homes["relay"]), "relay", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"])
-        procs.append(relay)
+        relay = procs.start(
+            "relay", ["--home", str(homes["relay"]), "relay", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]
+        )
         relay_addr = relay.wait_for(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\S+)").group(1)
         relay_flag = ["--relay", relay_addr]
-        server = Proc(
+        server = procs.start(
             "serve",
             ["--home", str(homes["home"]), "serve", "--service", f"echo=127.0.0.1:{echo_server}", *relay_flag],
         )
-        procs.append(server)
         peer_id = server.wait_for(r"^peer (\S+)").group(1)
         server.wait_for(r"reachable at \S+p2p-circuit")
         yield {"homes": homes, "relay": relay, "relay_addr": relay_addr, "server": server, "peer_id": peer_id}
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        procs.stop()
 
 
 def test_ping_through_discovery_reports_rtts_and_path(nodes: dict[str, object]) -> None:
@@ -123,19 +126,7 @@ def test_proxy_carries_bytes_and_unauthorized_peer_gets_a_clear_line(nodes: dict
     assert isinstance(homes, dict)
     results = {}
     for who in ("laptop", "stranger"):
-        proxy = Proc(
-            who,
-            [
-                "--home",
-                str(homes[who]),
-                "proxy",
-                str(nodes["peer_id"]),
-                "echo",
-                "0",
-                "--relay",
-                str(nodes["relay_addr"]),
-            ],
-        )
+        proxy = start_proxy(nodes, who, who)
         try:
             port = int(proxy.wait_for(r"forwarding 127\.0\.0\.1:(\d+)").group(1))
             with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
@@ -159,19 +150,7 @@ def test_proxy_carries_bytes_and_unauthorized_peer_gets_a_clear_line(nodes: dict
 def test_sigterm_drains_open_connections_and_refuses_new_ones(nodes: dict[str, object]) -> None:
     homes = nodes["homes"]
     assert isinstance(homes, dict)
-    proxy = Proc(
-        "drain",
-        [
-            "--home",
-            str(homes["laptop"]),
-            "proxy",
-            str(nodes["peer_id"]),
-            "echo",
-            "0",
-            "--relay",
-            str(nodes["relay_addr"]),
-        ],
-    )
+    proxy = start_proxy(nodes, "laptop", "drain")
     try:
         port = int(proxy.wait_for(r"forwarding 127\.0\.0\.1:(\d+)").group(1))
         with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
@@ -190,7 +169,7 @@ def test_sigterm_drains_open_connections_and_refuses_new_ones(nodes: dict[str, o
 
 def test_sigterm_stops_the_relay_and_frees_its_port(nodes: dict[str, object]) -> None:
     relay = nodes["relay"]
-    assert isinstance(relay, Proc)
+    assert isinstance(relay, CliProc)
     port = int(str(nodes["relay_addr"]).split("/tcp/")[1].split("/")[0])
     relay.popen.send_signal(signal.SIGTERM)
     assert relay.popen.wait(20) == 0
