@@ -202,12 +202,9 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    flags = _flags(args)
-    if "relay" in flags:
-        # Keep the other relay limits from the file/env: merge the one field.
-        base = load_settings(args.home)
-        flags["relay"] = {**base.relay.model_dump(), **flags["relay"]}
-    settings = load_settings(args.home, **flags)
+    # pydantic-settings deep-merges its sources: a flag for one nested field
+    # (relay.listen) keeps the file's and environment's other relay settings.
+    settings = load_settings(args.home, **_flags(args))
     for text in getattr(args, "expose", []):
         name, address = parse_service_flag(text)
         try:

@@ -89,3 +89,11 @@ def test_friendly_peer_names(home: Path) -> None:
     settings = load_settings(home)
     assert settings.resolve_peer("home") == "12D3KooWExample"
     assert settings.resolve_peer("12D3KooWOther") == "12D3KooWOther"
+
+
+def test_a_flag_for_one_nested_field_keeps_the_others(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(home, "[relay]\nmax_reservations = 5\n")
+    monkeypatch.setenv("PEERUP_RELAY__MAX_CIRCUITS", "7")
+    settings = load_settings(home, relay={"listen": ["/ip4/127.0.0.1/tcp/1"]})
+    assert settings.relay.listen == ["/ip4/127.0.0.1/tcp/1"]
+    assert (settings.relay.max_reservations, settings.relay.max_circuits) == (5, 7)
