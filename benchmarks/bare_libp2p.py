@@ -76,7 +76,13 @@ async def _splice(stream, sock: trio.SocketStream) -> None:  # type: ignore[no-u
 
 async def serve(args: argparse.Namespace) -> None:
     host_name, port = args.target.rsplit(":", 1)
-    settings = load_settings(args.home, relays=args.relay or [], listen=["/ip4/127.0.0.1/tcp/0"])
+    # Relayed rows must stay relayed on 127.0.0.1 (see run.py): no confirmed address, no punching.
+    settings = load_settings(
+        args.home,
+        relays=args.relay or [],
+        listen=["/ip4/127.0.0.1/tcp/0"],
+        nat={"hole_punching": False, "address_discovery": False},
+    )
     async with open_libp2p_node(settings, "node") as node:
 
         async def handler(stream) -> None:  # type: ignore[no-untyped-def]

@@ -215,8 +215,37 @@ def _settings(args: argparse.Namespace) -> Settings:
         peer, service, port = [*text.rsplit(":", 2), "", ""][:3]
         if not peer or not service or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"--proxy {text!r}: expected PEER:SERVICE:PORT, e.g. home:ssh:2222")
-        settings.proxies.append(ProxySettings(peer=peer, service=service, port=int(port)))
+        settings.proxies.append(_proxy_settings(f"--proxy {text!r}", peer=peer, service=service, port=int(port)))
     return settings
+
+
+def _proxy_settings(where: str, **values: Any) -> ProxySettings:
+    """A proxy from flags, held to the config file's rules (service name, port); bad input is one line."""
+    try:
+        return ProxySettings(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from exc
+
+
+def _check_peer(settings: Settings, text: str) -> None:
+    """Refuse a peer that is neither a ``[peers]`` name nor a peer ID, before any node starts.
+
+    The runtime checks it again once its node is up; checking here spares the
+    user seconds of libp2p start-up and its log lines before the one line that
+    matters. The check is libp2p's, so a deployment that replaced the libp2p
+    plugin leaves it to its own transport.
+    """
+    if "libp2p" in settings.disable_plugins:
+        return
+    from peerup.plugins.libp2p.node import parse_peer_id
+
+    try:
+        parse_peer_id(settings.resolve_peer(text))
+    except ValueError as exc:
+        if text in settings.peers:
+            raise ConfigError(f"peer {text!r} in [peers]: {exc}") from exc
+        known = ", ".join(sorted(settings.peers)) or "none configured"
+        raise ConfigError(f"peer {text!r} is neither a name in [peers] ({known}) nor a valid peer ID: {exc}") from exc
 
 
 def _setup_logging(settings: Settings | None, verbose: int, explicit: str | None) -> None:
@@ -371,13 +400,19 @@ async def _ping(settings: Settings, peer: str, count: int, interval: float) -> i
     runtime = Runtime(settings, _plugins(settings))
     async with runtime.node() as node:
 
-        def reply(seq: int, rtt: float | None) -> None:
-            _out(f"seq={seq} time={rtt * 1000:.2f} ms" if rtt is not None else f"seq={seq} timed out")
+        last: list[str] = []
+
+        def reply(seq: int, rtt: float | None, path: str) -> None:
+            if last and path != last[-1]:
+                _out(f"path changed: {last[-1]} -> {path}")
+            last.append(path)
+            _out(f"seq={seq} time={rtt * 1000:.2f} ms path={path}" if rtt is not None else f"seq={seq} timed out")
 
         peer_id = runtime.peer_id(node, peer)
         _out(f"PING {peer} ({short(peer_id)})")
         stats = await runtime.ping(node, peer, count, interval, reply)
-        _out(f"--- {peer} via {stats.path} path (found: {stats.source}) ---")
+        changed = f", first {stats.first_path}" if stats.first_path != stats.path else ""
+        _out(f"--- {peer} via {stats.path} path (found: {stats.source}{changed}) ---")
         _out(stats.summary())
         return 0 if stats.received else 1
 
@@ -442,13 +477,17 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, setting
         anyio.run(_run, settings, True, [], backend="trio")
         return 0
     if command == "run":
+        for forward in settings.proxies:
+            _check_peer(settings, forward.peer)
         anyio.run(_run, settings, True, list(settings.proxies), backend="trio")
         return 0
     if command == "proxy":
-        proxy = ProxySettings(peer=args.peer, service=args.service, port=args.port, bind=args.bind)
+        _check_peer(settings, args.peer)
+        proxy = _proxy_settings("proxy SERVICE", peer=args.peer, service=args.service, port=args.port, bind=args.bind)
         anyio.run(_run, settings, False, [proxy], backend="trio")
         return 0
     if command == "ping":
+        _check_peer(settings, args.peer)
         code: int = anyio.run(_ping, settings, args.peer, args.count, args.interval, backend="trio")
         return code
     parser.error(f"unknown command {command!r}")

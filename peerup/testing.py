@@ -29,6 +29,10 @@ from peerup.plugins.libp2p.identity import create_identity
 LOCAL = "/ip4/127.0.0.1/tcp/0"
 #: Short delays so retry tests take seconds, not minutes; the shape (doubling, cap) is the seed's.
 FAST_RETRY = {"retries": 3, "initial": 0.2, "multiplier": 2.0, "max_delay": 1.0}
+#: ``nat=RELAYED_ONLY`` for a test about the relayed path itself: on 127.0.0.1 every
+#: node is reachable directly, so with the defaults peers find and use a direct path
+#: (a dial-back confirms 127.0.0.1:PORT, hole punching upgrades relayed connections).
+RELAYED_ONLY = {"hole_punching": False, "address_discovery": False, "port_mapping": False}
 
 
 def make_settings(home: Path, **values: Any) -> Settings:
@@ -339,8 +343,12 @@ class CliProc:
             bufsize=1,
             env=clean_env(),
         )
-        for stream, sink in ((self.popen.stdout, self.lines), (self.popen.stderr, self.errors)):
-            threading.Thread(target=self._collect, args=(stream, sink), daemon=True).start()
+        self._readers = [
+            threading.Thread(target=self._collect, args=(stream, sink), daemon=True)
+            for stream, sink in ((self.popen.stdout, self.lines), (self.popen.stderr, self.errors))
+        ]
+        for reader in self._readers:
+            reader.start()
 
     @staticmethod
     def _collect(stream: Any, sink: list[str]) -> None:
@@ -366,6 +374,7 @@ class CliProc:
         )
 
     def stop(self) -> int:
+        import contextlib
         import subprocess
 
         if self.popen.poll() is None:
@@ -375,6 +384,12 @@ class CliProc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
+        for reader in self._readers:
+            reader.join(5)  # the process is gone: its pipes reach EOF
+        for pipe in (self.popen.stdout, self.popen.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    pipe.close()
         return self.popen.returncode
 
 
@@ -412,3 +427,229 @@ class CliTunnel:
 
     def logs(self) -> str:
         return "\n".join(f"-- {p.name} (exit {p.popen.poll()}):\n" + "\n".join(p.errors[-25:]) for p in self.procs)
+
+
+# -- bulk transfers that can end abruptly (tests/test_kill.py) -----------------------------
+# Added for the kill tests; generic enough for any test that must tell a clean end (FIN)
+# from a reset (RST) at the local application and check the bytes that arrived.
+
+MiB = 1024 * 1024
+
+
+def pattern_bytes(size: int, seed: int = 0) -> bytes:
+    """``size`` deterministic pseudo-random bytes: the same ``seed`` gives the same bytes."""
+    import random
+
+    return random.Random(seed).randbytes(size)
+
+
+def socket_ending(exc: BaseException | None) -> str:
+    """How a socket's reading ended: ``"eof"`` (a FIN: ``recv`` gave b""), ``"reset"``
+    (ECONNRESET: an RST, e.g. the other end closed with SO_LINGER 0), ``"timeout"``,
+    else ``"error: ..."``."""
+    if exc is None:
+        return "eof"
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return f"error: {exc!r}"
+
+
+class PatternCheck:
+    """Bytes received so far: how many, whether they are a prefix of ``pattern``, their SHA-256."""
+
+    def __init__(self, pattern: bytes) -> None:
+        import hashlib
+
+        self._pattern = memoryview(pattern)
+        self._sha = hashlib.sha256()
+        self.count = 0
+        self.intact = True
+
+    def feed(self, data: bytes) -> None:
+        end = self.count + len(data)
+        if self.intact and (end > len(self._pattern) or self._pattern[self.count : end] != data):
+            self.intact = False
+        self._sha.update(data)
+        self.count = end
+
+    @property
+    def digest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def receive_checked(sock: Any, check: PatternCheck, until: int | None, timeout: float) -> str | None:
+    """Read ``sock`` into ``check`` until it holds ``until`` bytes (returns ``None``: paused,
+    nothing more is read, so the sender stalls) or the connection ends (returns
+    :func:`socket_ending`); ``timeout`` bounds the whole call."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while until is None or check.count < until:
+        remaining = deadline - time.monotonic()
+        want = MiB if until is None else min(MiB, until - check.count)
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            data = sock.recv(want)
+        except OSError as exc:
+            return socket_ending(exc)
+        if not data:
+            return socket_ending(None)
+        check.feed(data)
+    return None
+
+
+class BulkConnection:
+    """One connection as :class:`BulkService` saw it."""
+
+    def __init__(self, mode: str, pattern: bytes) -> None:
+        import threading
+
+        self.mode = mode
+        self.check = PatternCheck(pattern)  # what the service received (mode "U")
+        self.sent = 0
+        self.send_ended = ""  # "complete", or how sending failed
+        self.ended = ""  # how the service's reading ended: "eof", "reset", "timeout", "error: ..."
+        self.done = threading.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{self.mode}: received {self.check.count} (intact={self.check.intact}), sent {self.sent} "
+            f"({self.send_ended or '-'}), reading ended: {self.ended or 'not yet'}>"
+        )
+
+
+class BulkService:
+    """A real TCP service in threads for bulk transfers; the client's first byte picks the mode.
+
+    - ``D`` (download): send ``pattern[:size]``, half-close, then read until the client ends.
+    - ``U`` (upload): read until the client ends, checking the bytes against ``pattern``;
+      after a clean EOF answer ``"COUNT SHA256\\n"`` and close (a half-close round trip).
+    - ``E`` (echo): echo until EOF, then half-close.
+
+    Each connection's :class:`BulkConnection` records how the service's side ended,
+    so a test can tell a reset from a clean EOF at the service too. Every socket
+    operation is bounded by ``timeout``; :meth:`stop` ends every thread.
+    """
+
+    def __init__(self, pattern: bytes, size: int | None = None, timeout: float = 60.0) -> None:
+        import socket
+        import threading
+
+        self.pattern = pattern
+        self.size = len(pattern) if size is None else size
+        self.timeout = timeout
+        self.connections: list[BulkConnection] = []
+        self._sockets: list[socket.socket] = []
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self.port = int(self._server.getsockname()[1])
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._sockets.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, sock: Any) -> None:
+        import socket
+
+        with sock:
+            sock.settimeout(self.timeout)
+            try:
+                mode = sock.recv(1).decode(errors="replace")
+            except OSError as exc:
+                record = BulkConnection("?", self.pattern)
+                record.ended = socket_ending(exc)
+                self.connections.append(record)
+                record.done.set()
+                return
+            record = BulkConnection(mode or "-", self.pattern)
+            self.connections.append(record)
+            try:
+                if mode == "D":
+                    view = memoryview(self.pattern)[: self.size]
+                    try:
+                        while record.sent < self.size:
+                            record.sent += sock.send(view[record.sent : record.sent + MiB])
+                        sock.shutdown(socket.SHUT_WR)
+                        record.send_ended = "complete"
+                    except OSError as exc:
+                        record.send_ended = socket_ending(exc)
+                        record.ended = "not read: sending failed"
+                        return
+                    record.ended = self._drain(sock, None)
+                elif mode == "U":
+                    record.ended = self._drain(sock, record)
+                    if record.ended == "eof":
+                        sock.sendall(f"{record.check.count} {record.check.digest}\n".encode())
+                        record.send_ended = "complete"
+                elif mode == "E":
+                    while data := sock.recv(MiB):
+                        sock.sendall(data)
+                        record.sent += len(data)
+                    record.ended = "eof"
+                    sock.shutdown(socket.SHUT_WR)
+                else:
+                    record.ended = "eof" if not mode else f"error: unknown mode {mode!r}"
+            except OSError as exc:
+                record.ended = record.ended or socket_ending(exc)
+            finally:
+                record.done.set()
+
+    def _drain(self, sock: Any, record: BulkConnection | None) -> str:
+        while True:
+            try:
+                data = sock.recv(MiB)
+            except OSError as exc:
+                return socket_ending(exc)
+            if not data:
+                return "eof"
+            if record is not None:
+                record.check.feed(data)
+
+    def connection(self, mode: str, timeout: float = 30.0, index: int = 0) -> BulkConnection:
+        """The ``index``-th connection in ``mode``, waiting for it (bounded)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [c for c in list(self.connections) if c.mode == mode]
+            if len(found) > index:
+                return found[index]
+            time.sleep(0.02)
+        raise AssertionError(f"no {mode!r} connection #{index} reached the service within {timeout:g} s")
+
+    def stop(self) -> None:
+        import contextlib
+        import socket
+
+        self._stop.set()
+        self._server.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(5)
+
+
+def kill9(proc: CliProc, timeout: float = 10.0) -> None:
+    """SIGKILL a :class:`CliProc` and reap it (bounded): the kernel closes its sockets as after a crash."""
+    if proc.popen.poll() is None:
+        proc.popen.kill()
+    proc.popen.wait(timeout)

@@ -24,6 +24,7 @@ from peerup.core.runtime import Runtime
 from peerup.core.settings import ServiceSettings
 from peerup.plugins.libp2p.node import Libp2pNode
 from peerup.testing import (
+    RELAYED_ONLY,
     Cable,
     client_node,
     echo_handler,
@@ -62,7 +63,7 @@ async def test_relay_restart_relayed_tunnel_recovers_and_direct_tunnel_keeps_wor
         )  # no relay: reachable only directly
         direct_rt = Runtime(direct_settings, load_plugins())
         async with (
-            serving_node(tmp_path, relay_addr, {"svc": addr}, retry=PATIENT_RETRY) as (_, server),
+            serving_node(tmp_path, relay_addr, {"svc": addr}, retry=PATIENT_RETRY, nat=RELAYED_ONLY) as (_, server),
             direct_rt.node() as direct,
             client_node(tmp_path, relay_addr, retry=PATIENT_RETRY) as (runtime, client),
         ):
@@ -266,7 +267,7 @@ async def test_vanished_client_frees_the_stream_and_the_circuit(tmp_path: Path, 
     async with (
         tcp_service(service) as addr,
         relay_node(tmp_path, timeouts=keepalive) as (relay_addr, relay_host),
-        serving_node(tmp_path, relay_addr, {"svc": addr}) as (server_rt, server),
+        serving_node(tmp_path, relay_addr, {"svc": addr}, nat=RELAYED_ONLY) as (server_rt, server),
         anyio.create_task_group() as tg,
     ):
         relay_port = int(relay_addr.split("/tcp/")[1].split("/")[0])

@@ -20,6 +20,7 @@ from peerup.core.settings import Settings
 from peerup.plugins.libp2p import plugin
 from peerup.plugins.libp2p.identity import create_identity
 from peerup.plugins.libp2p.node import Libp2pNode, open_libp2p_node
+from peerup.testing import RELAYED_ONLY
 
 ECHO = "/peerup/test-echo/1.0.0"
 LOCAL = "/ip4/127.0.0.1/tcp/0"
@@ -40,7 +41,8 @@ def relay_settings(home: Path, listen: str = LOCAL) -> Settings:
 
 def node_settings(home: Path, relay_addr: str) -> Settings:
     create_identity(home)
-    return Settings(home=home, listen=[LOCAL], relays=[relay_addr], retry=FAST_RETRY)
+    # Relayed paths are what these tests check (see peerup.testing.RELAYED_ONLY).
+    return Settings(home=home, listen=[LOCAL], relays=[relay_addr], retry=FAST_RETRY, nat=RELAYED_ONLY)
 
 
 async def echo(stream: ByteStream, remote_peer: str) -> None:

@@ -25,6 +25,7 @@ from peerup.core.settings import Settings
 from peerup.plugins.libp2p import plugin, workarounds
 from peerup.plugins.libp2p.identity import create_identity
 from peerup.plugins.libp2p.node import Libp2pNode, open_libp2p_node
+from peerup.testing import RELAYED_ONLY
 
 LOCAL = "/ip4/127.0.0.1/tcp/0"
 SLOW = "/peerup/test-slow-reader/1.0.0"
@@ -53,7 +54,7 @@ async def _relay(tmp_path: Path, **relay: object) -> AsyncIterator[Libp2pNode]:
 
 
 def _node_settings(home: Path, relay: Libp2pNode) -> Settings:
-    return _settings(home, relays=[relay.listen_addrs()[0]], retry={"initial": 0.1, "max_delay": 0.5})
+    return _settings(home, relays=[relay.listen_addrs()[0]], retry={"initial": 0.1, "max_delay": 0.5}, nat=RELAYED_ONLY)
 
 
 @pytest.mark.anyio
@@ -77,13 +78,24 @@ async def test_b_connect_skips_the_250ms_happy_eyeballs_wait(tmp_path: Path) -> 
         async with _relay(tmp_path) as relay:
             info = info_from_p2p_addr(multiaddr.Multiaddr(relay.listen_addrs()[0]))
             timings = {}
-            for name, config in (("workaround", workarounds.connection_config()), ("upstream", None)):
-                host = new_host(muxer_preference="YAMUX", connection_config=config)
-                async with host.run(listen_addrs=[multiaddr.Multiaddr(LOCAL)]):
-                    start = time.monotonic()
-                    await host.connect(info)
-                    timings[name] = time.monotonic() - start
-                    await workarounds.close_host(host)
+            from libp2p.network import swarm
+
+            patched = swarm._HAPPY_EYEBALLS_DELAY
+            assert patched == 0.0, "apply_global_workarounds() sets the delay to 0"
+            for name, config, delay in (
+                ("workaround", workarounds.connection_config(), patched),
+                ("upstream", None, 0.25),  # network/swarm.py:92
+            ):
+                swarm._HAPPY_EYEBALLS_DELAY = delay
+                try:
+                    host = new_host(muxer_preference="YAMUX", connection_config=config)
+                    async with host.run(listen_addrs=[multiaddr.Multiaddr(LOCAL)]):
+                        start = time.monotonic()
+                        await host.connect(info)
+                        timings[name] = time.monotonic() - start
+                        await workarounds.close_host(host)
+                finally:
+                    swarm._HAPPY_EYEBALLS_DELAY = patched
             assert timings["upstream"] >= 0.25  # swarm.py:934-937
             assert timings["workaround"] < 0.2, timings
 

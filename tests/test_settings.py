@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from peerup.core.errors import ConfigError
-from peerup.core.settings import load_settings
+from peerup.core.settings import ProxySettings, check_service_name, load_settings
 
 
 def write(home: Path, text: str) -> None:
@@ -63,6 +64,8 @@ def test_per_service_timeouts_override_globals(home: Path) -> None:
         ("[timeouts]\nlocal_dial = -1\n", "timeouts.local_dial: Input should be greater than 0"),
         ("[services.ssh]\naddress = '127.0.0.1'\n", "services.ssh.address: '127.0.0.1': expected HOST:PORT"),
         ("[services.SSH]\naddress = '127.0.0.1:22'\n", "service name 'SSH'"),
+        ('[services."ssh\\n"]\naddress = "127.0.0.1:22"\n', "service name 'ssh\\n'"),  # `$` matched before a newline
+        ("[[proxies]]\npeer = 'home'\nservice = 'a b'\nport = 2222\n", "proxies.0.service: service name 'a b'"),
         ("retires = 3\n", "retires: Extra inputs are not permitted"),
         ("log_level = 'loud'\n", "log_level: expected one of debug, info"),
         ("[timeouts\n", "not valid TOML"),
@@ -76,6 +79,42 @@ def test_bad_file_is_one_line_naming_file_and_field(home: Path, text: str, expec
     assert "\n" not in message
     assert message.startswith(str(home / "config.toml"))
     assert expected in message
+
+
+def test_a_file_that_is_not_utf8_is_one_line_naming_it(home: Path) -> None:
+    (home / "config.toml").write_bytes(b'log_level = "info"\n\xff\xfe = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(home)
+    assert str(info.value) == f"{home / 'config.toml'}: not UTF-8 text (line 2: byte 0xff); TOML files must be UTF-8"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "example"),
+    [
+        ("PEERUP_RELAYS", "not json", """PEERUP_RELAYS='["/ip4/203.0.113.7/tcp/7777/p2p/12D3KooW..."]'"""),
+        ("PEERUP_PEERS", "{home: x}", """PEERUP_PEERS='{"home": "12D3KooW..."}'"""),
+        ("PEERUP_RELAY__LISTEN", "/ip4/0.0.0.0/tcp/7777", """PEERUP_RELAY__LISTEN='["/ip4/0.0.0.0/tcp/7777"]'"""),
+        ("PEERUP_TIMEOUTS", "x", """PEERUP_TIMEOUTS='{"key": "value"}' (or one key at a time: PEERUP_TIMEOUTS__KEY"""),
+    ],
+)
+def test_json_settings_in_the_environment_say_so_and_show_how(
+    home: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, example: str
+) -> None:
+    """pydantic-settings raised a SettingsError naming the top-level field only: a traceback for the user."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(home)
+    assert str(info.value).startswith(f"environment variable {name}: expects JSON, e.g. {example}")
+    assert str(info.value).endswith(f"; got {value!r}")
+
+
+def test_service_names_share_one_rule() -> None:
+    assert check_service_name("ssh-2_b") == "ssh-2_b"
+    for bad in ("a b", "ssh\n", "Web", "-x", "", "x" * 64, "a/b"):
+        with pytest.raises(ValueError, match="expected lowercase letters"):
+            check_service_name(bad)
+    with pytest.raises(ValidationError, match="service name 'a b'"):
+        ProxySettings(peer="home", service="a b", port=1)
 
 
 def test_bad_environment_value_names_the_variable(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from peerup.core.node import PeerAttribute
 from peerup.testing import (
+    RELAYED_ONLY,
     client_node,
     echo_handler,
     echo_roundtrip,
@@ -44,7 +45,11 @@ async def test_sequential_and_concurrent_connections_leave_nothing_behind(tmp_pa
         relay(tmp_path) as relay_addr,
         # 200 concurrent connections from one peer: above the default per-peer cap of 64.
         serving_node(
-            tmp_path, relay_addr, {"svc": addr}, auth={"allow_all": True, "max_streams_per_peer": CONCURRENT + 8}
+            tmp_path,
+            relay_addr,
+            {"svc": addr},
+            auth={"allow_all": True, "max_streams_per_peer": CONCURRENT + 8},
+            nat=RELAYED_ONLY,
         ) as (server_rt, server),
         client_node(tmp_path, relay_addr) as (client_rt, client),
         proxy_listener(client_rt, client, server.peer_id) as port,

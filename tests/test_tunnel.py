@@ -21,7 +21,16 @@ from peerup.core.errors import ConfigError, RetriesExhausted, ServiceError
 from peerup.core.node import Node, PeerAttribute
 from peerup.core.runtime import Runtime
 from peerup.core.settings import ProxySettings
-from peerup.testing import client_node, echo_handler, free_port, read_all, relay, serving_node, tcp_service
+from peerup.testing import (
+    RELAYED_ONLY,
+    client_node,
+    echo_handler,
+    free_port,
+    read_all,
+    relay,
+    serving_node,
+    tcp_service,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -211,7 +220,7 @@ async def test_retries_follow_the_policy_and_reach_a_peer_that_comes_up(
             started = anyio.current_time()
             tg.start_soon(connect)
             await anyio.sleep(0.5)  # the first attempt(s) fail: nobody holds that ID now
-            async with serving_node(tmp_path, relay_addr, {"svc": addr}) as _:
+            async with serving_node(tmp_path, relay_addr, {"svc": addr}, nat=RELAYED_ONLY) as _:
                 with anyio.fail_after(20):
                     while not opened:
                         await anyio.sleep(0.05)

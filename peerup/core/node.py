@@ -28,6 +28,9 @@ class PeerAttribute(TypedAttributeSet):
     path: str = typed_attribute()
     #: The address the underlying connection uses, in the transport's notation.
     remote_address: str = typed_attribute()
+    #: Ends the stream as a failure the far end sees as one (a reset), never as a
+    #: clean end; :func:`peerup.core.streams.abort` uses it when present.
+    abort: Callable[[], Awaitable[None]] = typed_attribute()
 
 
 @dataclass(frozen=True)

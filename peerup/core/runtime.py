@@ -8,6 +8,7 @@ takes a timeout argument, the core scopes each step with ``anyio.fail_after``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from peerup.core.node import Node, PeerAttribute, PeerRecord
 from peerup.core.plugins import PluginHost
 from peerup.core.retry import RetryPolicy, call_with_retry
 from peerup.core.settings import ProxySettings, ServiceSettings, Settings, service_protocol
+from peerup.core.streams import abort
 
 log = logging.getLogger("peerup.runtime")
 
@@ -55,9 +57,16 @@ def short(peer_id: str) -> str:
 @dataclass
 class PingStats:
     peer_id: str
-    path: str
+    first_path: str
     source: str
     rtts: list[float | None] = field(default_factory=list)
+    #: The path of each stream that was opened, in order.
+    paths: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        """The path the last reply took (the one a new tunnel gets now)."""
+        return self.paths[-1] if self.paths else self.first_path
 
     @property
     def received(self) -> list[float]:
@@ -201,34 +210,57 @@ class Runtime:
         peer: str,
         count: int,
         interval: float,
-        on_reply: Callable[[int, float | None], None] = lambda seq, rtt: None,
+        on_reply: Callable[[int, float | None, str], None] = lambda seq, rtt, path: None,
     ) -> PingStats:
-        """Round trips on one stream, after discovery, as ``ping`` would report them."""
+        """Round trips after discovery, as ``ping`` reports them, each on the path it took.
+
+        Each echo goes on a new stream (over the existing connection, so only the
+        first pays for discovery and dialing), and the stream is opened before
+        the clock starts: the RTT is the echo's alone, and the path reported is
+        the one the node would give a new tunnel at that moment, so an upgrade
+        from relayed to direct shows up as it happens.
+        """
         peer_id = self.peer_id(node, peer)
         timeout = self.settings.service_stream_timeout(None)
-        try:
-            with anyio.fail_after(timeout):
-                raw, record = await self._dial(node, peer_id, PING_PROTOCOL)
-        except TimeoutError:
-            raise PeerTimeout(f"peer {short(peer_id)}: timed out after {timeout:g} s") from None
-        except ProtocolNotSupported as exc:
-            raise PeerUnreachable(f"peer {short(peer_id)} does not answer peerup pings: {exc}") from exc
-        stream = BufferedByteStream(raw)
-        stats = PingStats(peer_id, raw.extra(PeerAttribute.path, "unknown"), record.source)
-        async with stream:
-            for seq in range(count):
-                if seq:
-                    await anyio.sleep(interval)
+        stats: PingStats | None = None
+        for seq in range(count):
+            if seq:
+                await anyio.sleep(interval)
+            try:
+                with anyio.fail_after(timeout):
+                    raw, record = await self._dial(node, peer_id, PING_PROTOCOL)
+            except TimeoutError:
+                if stats is None:
+                    raise PeerTimeout(f"peer {short(peer_id)}: timed out after {timeout:g} s") from None
+                stats.rtts.append(None)
+                on_reply(seq, None, stats.path)
+                continue
+            except ProtocolNotSupported as exc:
+                raise PeerUnreachable(f"peer {short(peer_id)} does not answer peerup pings: {exc}") from exc
+            except (PeerNotFound, PeerUnreachable):
+                if stats is None:
+                    raise
+                stats.rtts.append(None)
+                on_reply(seq, None, stats.path)
+                continue
+            path = raw.extra(PeerAttribute.path, "unknown")
+            if stats is None:
+                stats = PingStats(peer_id, path, record.source)
+            stats.paths.append(path)
+            rtt: float | None = None
+            async with BufferedByteStream(raw) as stream:
                 payload = os.urandom(PING_SIZE)
-                started = anyio.current_time()
-                rtt: float | None = None
                 with anyio.move_on_after(max(interval, 1.0) * 5):
+                    started = anyio.current_time()
                     await stream.send(payload)
                     if await stream.receive_exactly(PING_SIZE) != payload:
                         raise PeerupError(f"peer {short(peer_id)} echoed different bytes: the stream is corrupt")
                     rtt = anyio.current_time() - started
-                stats.rtts.append(rtt)
-                on_reply(seq, rtt)
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await stream.send_eof()
+            stats.rtts.append(rtt)
+            on_reply(seq, rtt, path)
+        assert stats is not None  # count >= 1 and the first dial either worked or raised
         return stats
 
     # -- serving ---------------------------------------------------------------
@@ -417,11 +449,13 @@ class Runtime:
             try:
                 remote = await self.open_service_stream(node, proxy.peer, proxy.service)
             except PeerupError as exc:
+                # A reset, like a refused TCP connection: an application that reads
+                # until EOF must not mistake "no tunnel" for "an empty answer".
                 log.error("%s", exc)
-                await anyio.aclose_forcefully(local)
+                await abort(local)
                 return
-            except Exception:
-                await anyio.aclose_forcefully(local)
+            except BaseException:
+                await abort(local)
                 raise
             path = remote.extra(PeerAttribute.path, "unknown")
             log.info("connection from %s -> %s on %s: %s path", client, proxy.service, proxy.peer, path)

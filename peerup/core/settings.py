@@ -16,20 +16,24 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
 from peerup.core.errors import ConfigError
 
 CONFIG_NAME = "config.toml"
-_SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: Matched with fullmatch: ``$`` would also accept a name ending in a newline.
+_SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
 def default_home() -> Path:
@@ -103,6 +107,44 @@ class ProxySettings(_Strict):
     port: int = Field(ge=0, le=65535)
     bind: str = "127.0.0.1"
 
+    @field_validator("service")
+    @classmethod
+    def _service_name(cls, value: str) -> str:
+        return check_service_name(value)
+
+
+class LimitsSettings(_Strict):
+    """What one node gives strangers before and after they prove who they are (docs/security.md).
+
+    The defaults hold on a 2-core relay with a few hundred peers; the worst
+    case memory they allow is worked out in docs/security.md ("Sizing a relay").
+    """
+
+    max_connections: int = Field(2048, ge=1, description="open connections, inbound and outbound together")
+    max_pending: int = Field(256, ge=1, description="inbound connections still in their handshake; the oldest yields")
+    max_pending_per_ip: int = Field(16, ge=1, description="handshakes in progress from one source address")
+    handshake_timeout: float = Field(5.0, gt=0, description="seconds for a new connection's Noise + yamux handshake")
+    max_streams_per_connection: int = Field(512, ge=1, description="streams a peer may hold open on one connection")
+    max_stream_window: int = Field(16 * 1024 * 1024, ge=256 * 1024, description="largest receive window of a stream")
+    window_growth_per_connection: int = Field(
+        64 * 1024 * 1024, ge=0, description="receive-window growth beyond 256 KiB, all streams of a connection"
+    )
+    max_buffered: int = Field(
+        512 * 1024 * 1024, ge=1024 * 1024, description="unread bytes in all connections before the largest is closed"
+    )
+
+
+class NatSettings(_Strict):
+    """How a node behind NAT tries to get a direct path (docs/nat.md)."""
+
+    hole_punching: bool = Field(True, description="upgrade relayed connections with DCUtR hole punching")
+    port_mapping: bool = Field(
+        True, description="ask the router (NAT-PMP, then UPnP IGD) to forward the TCP listen port"
+    )
+    address_discovery: bool = Field(
+        True, description="learn the address the outside sees and confirm it with a dial-back before advertising it"
+    )
+
 
 class AuthSettings(_Strict):
     """Who may open service streams (docs/security.md)."""
@@ -122,6 +164,10 @@ class RelaySettings(_Strict):
     reservation_ttl: float = Field(3600.0, gt=0)
     circuit_duration: float = Field(24 * 3600.0, gt=0)
     circuit_data: int | None = Field(None, gt=0, description="bytes per circuit; unset = no cap")
+
+
+#: Transports a host can dial and listen with (peerup/plugins/libp2p/transports.py).
+Transport = Literal["tcp", "ws"]
 
 
 class Settings(BaseSettings):
@@ -148,6 +194,11 @@ class Settings(BaseSettings):
         {}, description="per-plugin sections, [plugin.NAME]; each plugin validates its own"
     )
     auth: AuthSettings = AuthSettings()
+    limits: LimitsSettings = LimitsSettings()
+    transports: list[Transport] = Field(
+        ["tcp"], min_length=1, description="transports to dial and listen with: tcp, ws (WebSocket)"
+    )
+    nat: NatSettings = NatSettings()
 
     @field_validator("log_level")
     @classmethod
@@ -161,9 +212,7 @@ class Settings(BaseSettings):
     @classmethod
     def _names(cls, value: dict[str, ServiceSettings]) -> dict[str, ServiceSettings]:
         for name, service in value.items():
-            if not _SERVICE_NAME.match(name):
-                raise ValueError(f"service name {name!r}: expected lowercase letters, digits, '-' or '_'")
-            service.name = name
+            service.name = check_service_name(name)
         return value
 
     @classmethod
@@ -177,7 +226,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # First wins: flags (init kwargs) > environment > config file > defaults.
         toml_path = _CONFIG_FILE.get("path")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _EnvSource(settings_cls)]
         if toml_path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
@@ -216,6 +265,63 @@ class Settings(BaseSettings):
 # The TOML source needs the path before the model exists; load_settings sets it.
 _CONFIG_FILE: dict[str, Path | None] = {"path": None}
 
+#: What to copy into a PEERUP_* variable whose setting is a list or a table.
+_JSON_EXAMPLES = {
+    "relays": '["/ip4/203.0.113.7/tcp/7777/p2p/12D3KooW..."]',
+    "listen": '["/ip4/0.0.0.0/tcp/4001"]',
+    "relay.listen": '["/ip4/0.0.0.0/tcp/7777"]',
+    "relay.allow": '["12D3KooW..."]',
+    "peers": '{"home": "12D3KooW..."}',
+    "plugins": '["jitter-retry"]',
+    "disable_plugins": '["proxy"]',
+    "proxies": '[{"peer": "home", "service": "ssh", "port": 2222}]',
+    "services": '{"ssh": {"address": "127.0.0.1:22"}}',
+    "transports": '["tcp", "ws"]',
+}
+
+
+class _NotJson(ValueError):
+    """A PEERUP_* variable for a list or table setting did not hold JSON; ``str()`` is the user's line.
+
+    A ValueError, so pydantic-settings still falls back to the raw text where it
+    allows that (``list[str] | None`` fields), and the model then says what it expected.
+    """
+
+
+class _EnvSource(EnvSettingsSource):
+    """PEERUP_* variables, where a list or table that is not JSON is one line naming the variable.
+
+    pydantic-settings decodes those settings as JSON and, when that fails, raises
+    a SettingsError that names only the top-level field ("relay" for
+    PEERUP_RELAY__LISTEN) with the JSON error as its cause: a traceback for the
+    user, and no hint that JSON was wanted.
+    """
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError as exc:
+            name = self._variable(field_name, value)
+            setting = name.removeprefix("PEERUP_").lower().replace("__", ".")
+            example = f"{name}='{_JSON_EXAMPLES[setting]}'" if setting in _JSON_EXAMPLES else self._example(name, field)
+            raise _NotJson(f"environment variable {name}: expects JSON, e.g. {example}; got {value!r}") from exc
+
+    @staticmethod
+    def _example(name: str, field: FieldInfo | None) -> str:
+        """For settings without an entry in _JSON_EXAMPLES: a list, or a table (also settable key by key)."""
+        annotation = field.annotation if field is not None else None
+        if get_origin(annotation) is list:
+            return f"{name}='[\"...\"]'"
+        return f'{name}=\'{{"key": "value"}}\' (or one key at a time: {name}__KEY=value)'
+
+    def _variable(self, key: str, value: Any) -> str:
+        """The variable that held ``value`` for ``key`` (a field, or the last part of a nested name)."""
+        key = key.lower()
+        for name, text in self.env_vars.items():
+            if text == value and (name == f"{self.env_prefix}{key}".lower() or name.lower().endswith(f"__{key}")):
+                return name.upper()
+        return f"{self.env_prefix}{key}".upper()
+
 
 def service_protocol(name: str) -> str:
     return f"/peerup/service/{name}/1.0.0"
@@ -229,11 +335,35 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def check_service_name(name: str) -> str:
+    """``name`` if it may name a service, else ``ValueError`` with a one-line reason.
+
+    The one rule for the config file, the environment and every flag that names
+    a service (``--service``, ``--proxy``, ``proxy``'s SERVICE): the name goes
+    into a libp2p protocol ID (:func:`service_protocol`) and into log lines, where
+    a space, a slash or a newline would break them or forge a line.
+    """
+    if not _SERVICE_NAME.fullmatch(name):
+        raise ValueError(
+            f"service name {name!r}: expected lowercase letters, digits, '-' or '_' "
+            "(1-63 of them, starting with a letter or digit)"
+        )
+    return name
+
+
 def parse_service_flag(text: str) -> tuple[str, str]:
-    """``NAME=HOST:PORT`` from ``--service``, checked before it reaches the model."""
+    """``NAME=HOST:PORT`` from ``--service``, checked before it reaches the model.
+
+    The name is checked here because the CLI adds the service to settings that
+    are already validated, so the model's validator would not see it.
+    """
     name, sep, address = text.partition("=")
     if not sep or not name:
         raise ConfigError(f"--service {text!r}: expected NAME=HOST:PORT, e.g. ssh=127.0.0.1:22")
+    try:
+        check_service_name(name)
+    except ValueError as exc:
+        raise ConfigError(f"--service {text!r}: {exc}") from exc
     return name, address
 
 
@@ -251,6 +381,11 @@ def load_settings(home: Path | None = None, **flags: Any) -> Settings:
                 tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:  # tomllib decodes the whole file before parsing
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise ConfigError(
+                f"{path}: not UTF-8 text (line {line}: byte {exc.object[exc.start]:#04x}); TOML files must be UTF-8"
+            ) from exc
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     _CONFIG_FILE["path"] = path if path.exists() else None
@@ -258,6 +393,9 @@ def load_settings(home: Path | None = None, **flags: Any) -> Settings:
         return Settings(home=home, **flags)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc, path, flags)) from exc
+    except SettingsError as exc:  # a source failed before validation: so far only the environment's JSON
+        cause = exc.__cause__
+        raise ConfigError(str(cause) if isinstance(cause, _NotJson) else f"environment: {exc}") from exc
     finally:
         _CONFIG_FILE["path"] = None
 

@@ -1,10 +1,13 @@
-"""Built-in ``proxy_stream``: a half-close bidirectional copy (seed ADR-A01).
+"""Built-in ``proxy_stream``: a half-close bidirectional copy (seed ADR-A01) that never fakes a clean end.
 
 EOF from one side becomes ``send_eof`` (a FIN) toward the other while the other
 direction keeps flowing, so ``ssh host cmd < file`` and HTTP/1.0 clients that
-shut their write side still get the whole reply. When both directions are done
-both streams are closed; when one side breaks, the other is closed at once
-instead of waiting for an idle timeout that, by design, does not exist.
+shut their write side still get the whole reply. When both directions ended
+cleanly both streams are closed cleanly. When anything else ends the tunnel
+(one side broke or reset, the peer was revoked, shutdown gave up draining, an
+idle timeout) both sides are *aborted*: the local application gets a TCP reset
+and the peer a stream reset, because a FIN after part of a transfer is silent
+data loss for any protocol without its own framing (docs/adr/0008).
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ from anyio.abc import ByteStream
 
 from peerup.core.hookspecs import hookimpl
 from peerup.core.settings import ServiceSettings, Settings
+from peerup.core.streams import abort, was_reset
 
 log = logging.getLogger("peerup.proxy")
 
 #: Bytes per read on either side. 256 KiB lets one read take several 64 KiB
 #: yamux frames at once (fewer awaits per MB); see docs/performance.md.
 CHUNK = 256 * 1024
+
+#: How often a tunnel checks whether its TCP peer reset the connection while
+#: nothing is reading from it (see :meth:`Tunnel.watch_reset`).
+RESET_CHECK_INTERVAL = 2.0
 
 #: Errors that mean "the other end went away", not a bug.
 BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError)
@@ -36,6 +44,7 @@ class Tunnel:
         self.up = 0  # local -> remote
         self.down = 0  # remote -> local
         self.last_activity = anyio.current_time()
+        self.eof_to_local = False
 
     async def pump(self, source: ByteStream, sink: ByteStream, upward: bool) -> None:
         while True:
@@ -51,6 +60,8 @@ class Tunnel:
                 self.down += len(data)
         with contextlib.suppress(*BROKEN):  # the sink already closed: nothing left to tell it
             await sink.send_eof()
+        if not upward:
+            self.eof_to_local = True
 
     async def watch_idle(self, idle: float, scope: anyio.CancelScope) -> None:
         while True:
@@ -61,6 +72,23 @@ class Tunnel:
                 return
             await anyio.sleep(remaining)
 
+    async def watch_reset(self, local: ByteStream) -> None:
+        """Notice a local TCP peer that reset while the upward copy is stuck sending.
+
+        When the remote side does not take data (a service that never reads),
+        the upward copy waits in ``send`` and never reads the local socket
+        again, so a client that gives up and resets would leave the tunnel,
+        its stream and its service connection open forever. The kernel knows:
+        the socket's TCP state is CLOSE. A FIN is not enough to tell (it may be
+        a half-close still waiting for the reply), so only a reset counts, and
+        only before our own FIN went to the local side (after it, CLOSE is the
+        normal end of a two-way close).
+        """
+        while not self.eof_to_local:
+            await anyio.sleep(RESET_CHECK_INTERVAL)
+            if not self.eof_to_local and was_reset(local):
+                raise anyio.BrokenResourceError("the local connection was reset")
+
 
 @hookimpl(trylast=True)
 async def proxy_stream(
@@ -68,24 +96,33 @@ async def proxy_stream(
 ) -> bool:
     tunnel = Tunnel()
     idle = settings.idle_timeout(service)
-    outcome = "closed"
+    finished = False
+    outcome = "cut"
     try:
         async with anyio.create_task_group() as tg:
             if idle is not None and math.isfinite(idle):
                 tg.start_soon(tunnel.watch_idle, idle, tg.cancel_scope)
+            tg.start_soon(tunnel.watch_reset, local)
 
             async def both() -> None:
+                nonlocal finished
                 async with anyio.create_task_group() as inner:
                     inner.start_soon(tunnel.pump, local, remote, True)
                     inner.start_soon(tunnel.pump, remote, local, False)
+                finished = True
                 tg.cancel_scope.cancel()
 
             tg.start_soon(both)
     except* BROKEN as group:
-        outcome = f"aborted ({group.exceptions[0]!r})"
+        outcome = f"aborted ({group.exceptions[0]})"
     finally:
-        with anyio.CancelScope(shield=True):
-            await remote.aclose()
-            await local.aclose()
-    log.info("tunnel %s: %d bytes up, %d bytes down", outcome, tunnel.up, tunnel.down)
+        if finished:
+            outcome = "closed"
+            with anyio.CancelScope(shield=True):
+                await remote.aclose()
+                await local.aclose()
+        else:
+            await abort(remote)
+            await abort(local)
+        log.info("tunnel %s: %d bytes up, %d bytes down", outcome, tunnel.up, tunnel.down)
     return True

@@ -1,4 +1,4 @@
-"""Close connections whose peer stopped answering: the only way to notice a silent peer.
+"""Close connections that stopped answering: the only way to notice a silent peer or a dead path.
 
 A peer that vanishes without a FIN or a reset (a laptop lid closed, a NAT
 mapping dropped, a cable cut) leaves every stream and relay circuit it had
@@ -7,18 +7,26 @@ open, and nothing in libp2p 0.8.1 notices: yamux's RTT ping
 checks a circuit's duration only when data arrives (relay/circuit_v2/protocol.py:838).
 Tunnels have no idle timeout by design (SSH sessions are idle for hours), so
 "quiet" cannot mean "dead". A ping that goes unanswered does: every
-``timeouts.keepalive`` seconds each connected peer is pinged, and a peer that
-does not answer within ``timeouts.keepalive_timeout`` has its connections
-closed, which resets its streams and frees its circuits.
+``timeouts.keepalive`` seconds each open connection is probed with a yamux ping
+on that connection, and one that does not answer within
+``timeouts.keepalive_timeout`` is closed, which resets its streams and frees its
+circuits.
+
+Per connection, not per peer: a peer may have a direct connection (hole
+punched) and a relayed one at once, and a NAT that changes its mapping kills
+only the first. Closing the peer would cut the tunnels still running through
+the relay; closing the dead connection sends new streams to the live one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Any
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.peer.id import ID
 
@@ -28,6 +36,7 @@ PING_SIZE = 32
 
 
 async def answers_ping(host: IHost, peer: ID, timeout: float) -> bool:
+    """A libp2p ping (``/ipfs/ping/1.0.0``) to ``peer`` over whichever connection the swarm picks."""
     with trio.move_on_after(timeout):
         try:
             stream = await host.new_stream(peer, [PING_PROTOCOL])
@@ -47,21 +56,39 @@ async def answers_ping(host: IHost, peer: ID, timeout: float) -> bool:
     return False
 
 
+async def connection_answers(host: IHost, conn: INetConn, timeout: float) -> bool:
+    """Does ``conn`` itself carry an answer within ``timeout``? (yamux ping; libp2p ping as a fallback)."""
+    probe: Any = getattr(conn.muxed_conn, "probe", None)
+    if probe is not None:
+        return bool(await probe(timeout))
+    return await answers_ping(host, conn.muxed_conn.peer_id, timeout)
+
+
+async def close_dead(conn: INetConn, why: str, timeout: float) -> None:
+    """Close ``conn``, shielded: a close cancelled half way leaves the swarm holding a closed connection.
+
+    SwarmConn.close (network/connection/swarm_connection.py:140-170) marks the
+    connection closed first and removes it from the swarm last; cancelled in
+    between, the swarm keeps offering it and every new stream to that peer
+    fails with "No valid connections". Our yamux session bounds its own close.
+    """
+    log.warning("connection to %s %s: closing it", conn.muxed_conn.peer_id, why)
+    with trio.CancelScope(shield=True), trio.move_on_after(max(timeout, 10.0)), contextlib.suppress(Exception):
+        await conn.close()
+
+
 async def keep_alive(host: IHost, interval: float, timeout: float) -> None:
-    """Forever: ping every connected peer each ``interval``; close those that do not answer."""
+    """Forever: probe every open connection each ``interval``; close those that do not answer."""
     network = host.get_network()
 
-    async def check(peer: ID) -> None:
-        if not await answers_ping(host, peer, timeout) and network.get_connections(peer):
-            log.warning("peer %s did not answer a keepalive ping within %g s: closing its connection", peer, timeout)
-            with trio.move_on_after(timeout):
-                try:
-                    await network.close_peer(peer)
-                except Exception as exc:  # noqa: BLE001 - closing a dead connection may fail in many ways
-                    log.debug("closing %s after a failed keepalive: %s", peer, exc)
+    async def check(conn: INetConn) -> None:
+        if not await connection_answers(host, conn, timeout) and not conn.is_closed:
+            await close_dead(conn, f"did not answer a keepalive ping within {timeout:g} s", timeout)
 
     while True:
         await trio.sleep(interval)
         async with trio.open_nursery() as nursery:
-            for peer in list(network.get_connections_map()):
-                nursery.start_soon(check, peer)
+            for conns in list(network.get_connections_map().values()):
+                for conn in list(conns):
+                    if not conn.is_closed:
+                        nursery.start_soon(check, conn)

@@ -12,12 +12,14 @@ All libp2p quirks this needs are in :mod:`.workarounds`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import multiaddr
 import trio
@@ -38,9 +40,13 @@ from libp2p.tools.anyio_service import background_trio_service
 from peerup.core.errors import ConfigError, PeerNotFound, PeerUnreachable, ProtocolNotSupported
 from peerup.core.node import PeerAttribute, StreamHandler
 from peerup.core.settings import Settings
-from peerup.plugins.libp2p import workarounds
+from peerup.plugins.libp2p import admission, muxer, portmap, relay_limit, transports, workarounds
+from peerup.plugins.libp2p.addresses import AddressBook, DialBackService, confirm, watch_observations
+from peerup.plugins.libp2p.admission import AdmissionLimits, InboundGate
+from peerup.plugins.libp2p.holepunch import HolePuncher, PathUpgrader, is_relayed
 from peerup.plugins.libp2p.identity import load_identity
-from peerup.plugins.libp2p.keepalive import keep_alive
+from peerup.plugins.libp2p.keepalive import close_dead, connection_answers, keep_alive
+from peerup.plugins.libp2p.muxer import MuxerLimits
 from peerup.plugins.libp2p.relay_policy import RelayPolicy, apply_relay_policy, parse_allow
 from peerup.plugins.libp2p.stream import Libp2pByteStream, stream_path
 
@@ -62,8 +68,18 @@ _RESERVATION_MARGIN = 30.0
 #: Bound on one direct address, so an address behind NAT cannot eat the whole
 #: dial budget the core gave us before the relay is tried.
 DIRECT_DIAL_TIMEOUT = 5.0
+#: A node pings its relay connection this often (the relay's own keepalive is slower):
+#: a NAT that changed its mapping is noticed, and the slot reserved again, within seconds.
+RELAY_PROBE_INTERVAL = 5.0
+RELAY_PROBE_TIMEOUT = 3.0
+#: A stream not open on a direct connection after this long gets the connection probed.
+DIRECT_STREAM_PROBE_AFTER = 1.5
+#: The probe's bound: no yamux pong in this time and the direct connection is closed.
+DIRECT_PROBE_TIMEOUT = 2.0
 #: Bound on reserving a slot during startup; the keeper keeps trying after it.
 _STARTUP_RESERVE_WAIT = 5.0
+#: Confirmed and unreachable verdicts are forgotten and asked again this often.
+_ADDRESS_RECHECK = 3600.0
 
 
 def settings_delays(settings: Settings) -> DelaysFactory:
@@ -110,6 +126,14 @@ class Libp2pNode:
         self.relays: list[RelayState] = []
         #: Set each time a relay reservation is (re)made; tests and callers wait on it.
         self.reservation_changed = trio.Event()
+        #: The inbound admission gate of this host's listeners (its stats count refusals).
+        self.gate: InboundGate | None = None
+        #: Our own addresses by kind: observed, mapped, confirmed (addresses.py).
+        self.addresses = AddressBook()
+        #: DCUtR and the relayed -> direct upgrade (None when nat.hole_punching is off).
+        self.puncher: HolePuncher | None = None
+        self.upgrader: PathUpgrader | None = None
+        self.dial_back: DialBackService | None = None
 
     # -- the core Node protocol ---------------------------------------------------
 
@@ -151,13 +175,68 @@ class Libp2pNode:
         """``<relay>/p2p-circuit/p2p/<self>`` for each configured relay."""
         return [relay_circuit_addr(relay.addr, self.peer_id) for relay in self.relays]
 
+    def public_addrs(self) -> list[str]:
+        """Addresses a relay reached us at on a fresh connection: safe for anyone to dial."""
+        return [f"{addr}/p2p/{self.peer_id}" for addr in self.addresses.public()]
+
+    def advertised_addrs(self) -> list[str]:
+        """What identify and the DHT tell others: confirmed public addresses first, then circuits."""
+        return self.public_addrs() + self.circuit_addrs()
+
+    def punch_listen_addrs(self) -> list[str]:
+        """Our listen addresses for peers on the same LAN: concrete, not loopback, without /p2p.
+
+        A wildcard listener (0.0.0.0) stands for every interface's address, which
+        is what a peer behind the same router can dial (home routers rarely
+        hairpin their public address). Loopback would make a peer on another
+        machine dial itself.
+        """
+        out: list[str] = []
+        for addr in self.host.get_transport_addrs():
+            text = str(addr)
+            if text.startswith("/ip4/0.0.0.0/tcp/"):
+                port = text.split("/")[4]
+                out.extend(f"/ip4/{ip}/tcp/{port}" for ip in _interface_ipv4s())
+            elif not text.startswith(("/ip4/127.", "/ip6/")):
+                out.append(text)
+        return out
+
+    async def connect_relay(self, info: PeerInfo) -> None:
+        """Connect to a relay from our listen port, so the mapping it observes is the one we punch on.
+
+        Falls back to an ordinary dial (any source port) when that fails, e.g.
+        while the previous connection's 4-tuple is still in TIME_WAIT: reaching
+        the relay matters more than the observed address.
+        """
+        workarounds.dial_for_real(self.host, info.peer_id)
+        port = self.addresses.listen_port
+        network: Any = self.host.get_network()
+        error: Exception | None = None
+        # The configured addresses, dialed one by one: host.connect() would pick
+        # from the peerstore, where identify may have put the relay's 0.0.0.0.
+        for source in [("0.0.0.0", port), None] if port else [None]:
+            for addr in info.addrs:
+                try:
+                    await network.dial_addr(addr, info.peer_id, source)
+                    return
+                except Exception as exc:  # noqa: BLE001 - next address, or next source
+                    error = exc
+                    log.debug("relay %s: dial %s from %s failed: %s", info.peer_id, addr, source or "any port", exc)
+        raise PeerUnreachable(f"relay {info.peer_id}: {_why(error) if error else 'no address'}")
+
     # -- used by the hooks ---------------------------------------------------------
 
     def is_connected(self, peer: ID) -> bool:
-        return bool(self.host.get_network().get_connections(peer))
+        return any(not conn.is_closed for conn in self.host.get_network().get_connections(peer))
 
-    async def open_stream(self, peer_id: str, addrs: tuple[str, ...], protocol: str) -> Libp2pByteStream:
+    async def open_stream(
+        self, peer_id: str, addrs: tuple[str, ...], protocol: str, *, fallback_done: bool = False
+    ) -> Libp2pByteStream:
         """Reuse a connection, else try direct addresses, then circuits; open a stream.
+
+        A stream that a direct connection does not open promptly gets that
+        connection probed; a connection that does not answer is closed and the
+        stream goes through the relay at once (see :meth:`_new_stream`).
 
         :raises PeerUnreachable: no address gave a connection, or the stream failed.
         """
@@ -188,7 +267,11 @@ class Libp2pNode:
                 detail = "; ".join(tried) if tried else "no addresses"
                 raise PeerUnreachable(f"peer {peer_id}: no address worked (tried {len(tried)}: {detail})")
         try:
-            net_stream = await self.host.new_stream(peer, [TProtocol(protocol)])
+            net_stream = await self._new_stream(peer, protocol)
+        except _DeadDirectConnection:
+            if fallback_done:
+                raise PeerUnreachable(f"peer {peer_id}: its direct connection died and no other worked") from None
+            return await self.open_stream(peer_id, addrs, protocol, fallback_done=True)
         except Exception as exc:
             if _protocol_refused(exc):
                 raise ProtocolNotSupported(f"peer {peer_id} does not speak {protocol}") from exc
@@ -197,12 +280,58 @@ class Libp2pNode:
         log.info("stream %s to %s is %s", protocol, peer_id, stream.extra(PeerAttribute.path))
         return stream
 
+    def direct_conn(self, peer: ID) -> Any:
+        for conn in self.host.get_network().get_connections(peer):
+            if not conn.is_closed and not is_relayed(conn):
+                return conn
+        return None
+
+    async def _new_stream(self, peer: ID, protocol: str) -> INetStream:
+        """``host.new_stream``, watched: a direct connection that stays silent is probed and closed.
+
+        A direct connection can die without a sound (the NAT changed its
+        mapping, a firewall forgot the flow): until keepalive notices, the swarm
+        keeps choosing it, since it prefers direct over relayed, and every new
+        stream waits out the negotiation timeout. If the stream is not open
+        after ``DIRECT_STREAM_PROBE_AFTER`` s the connection gets a yamux ping;
+        no answer within ``DIRECT_PROBE_TIMEOUT`` s closes it, and the caller
+        falls back to the relay.
+        """
+        conn = self.direct_conn(peer)
+        if conn is None or not self.relays:
+            return await self.host.new_stream(peer, [TProtocol(protocol)])
+        dead = False
+
+        async def watch(scope: trio.CancelScope) -> None:
+            nonlocal dead
+            await trio.sleep(DIRECT_STREAM_PROBE_AFTER)
+            if not await connection_answers(self.host, conn, DIRECT_PROBE_TIMEOUT):
+                dead = True
+                scope.cancel()
+                await close_dead(conn, "did not answer while a stream was opening (path lost?)", 2.0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            try:
+                net_stream = await self.host.new_stream(peer, [TProtocol(protocol)])
+            except Exception:
+                if dead or conn.is_closed:
+                    raise _DeadDirectConnection from None
+                raise
+            nursery.cancel_scope.cancel()
+        if dead:
+            with contextlib.suppress(Exception):
+                await net_stream.reset()
+            raise _DeadDirectConnection
+        return net_stream
+
     async def _connect_direct(self, peer: ID, addr: str) -> str | None:
         try:
             maddr = multiaddr.Multiaddr(addr)
             if maddr.get_peer_id() is None:
                 maddr = maddr.encapsulate(multiaddr.Multiaddr(f"/p2p/{peer.to_base58()}"))
             info = info_from_p2p_addr(maddr)
+            workarounds.dial_for_real(self.host, info.peer_id)
             with trio.fail_after(DIRECT_DIAL_TIMEOUT):
                 await self.host.connect(info)
         except trio.TooSlowError:
@@ -217,7 +346,7 @@ class Libp2pNode:
             relay_part = addr.split("/p2p-circuit", 1)[0]
             relay_info = info_from_p2p_addr(multiaddr.Multiaddr(relay_part))
             if not self.is_connected(relay_info.peer_id):
-                await self.host.connect(relay_info)
+                await self.connect_relay(relay_info)
             # Pitfall 1: the swarm cannot dial /p2p-circuit; the transport can,
             # and the upgraded connection joins the swarm.
             await self.circuit.dial(maddr)
@@ -252,15 +381,34 @@ class Libp2pNode:
                 await trio.sleep(delay)
                 continue
             delays = delays_factory()
+            next_probe = trio.current_time() + RELAY_PROBE_INTERVAL
             while self.is_connected(relay.peer_id) and time.time() < relay.expires - _RESERVATION_MARGIN:
                 await trio.sleep(_RELAY_CHECK_INTERVAL)
+                if trio.current_time() >= next_probe:
+                    await self._probe_relay(relay)
+                    next_probe = trio.current_time() + RELAY_PROBE_INTERVAL
             if not self.is_connected(relay.peer_id):
                 relay.reserved = False
                 log.warning("relay %s: connection lost; reconnecting", relay.addr)
 
+    async def _probe_relay(self, relay: RelayState) -> None:
+        """Ping the relay connection; close it when it does not answer, so the keeper reconnects.
+
+        The relay connection is what makes this node reachable, and a NAT that
+        changed its mapping kills it without a sound: packets from the relay
+        reach a port the router forgot. Our own ping leaves from the new
+        mapping and the relay answers it with a reset, or nothing comes back;
+        either way the node learns within seconds instead of waiting for the
+        relay's keepalive, and reserves again.
+        """
+        for conn in list(self.host.get_network().get_connections(relay.peer_id)):
+            alive = conn.is_closed or await connection_answers(self.host, conn, RELAY_PROBE_TIMEOUT)
+            if not alive and not conn.is_closed:
+                await close_dead(conn, f"(our relay) did not answer within {RELAY_PROBE_TIMEOUT:g} s", 2.0)
+
     async def _reserve(self, relay: RelayState) -> None:
         if not self.is_connected(relay.peer_id):
-            await self.host.connect(relay.info)
+            await self.connect_relay(relay.info)
         stream = await self.host.new_stream(relay.peer_id, [HOP_PROTOCOL])
         try:
             ok = await self.circuit._make_reservation(stream, relay.peer_id)
@@ -274,6 +422,61 @@ class Libp2pNode:
         log.info("relay %s: slot reserved, reachable as %s", relay.addr, relay_circuit_addr(relay.addr, self.peer_id))
         self.reservation_changed.set()
         self.reservation_changed = trio.Event()
+
+    # -- our own addresses (role "node") -------------------------------------------
+
+    async def keep_addresses_confirmed(self) -> None:
+        """Forever: have a relay dial back each newly observed or mapped address; re-check hourly.
+
+        A confirmed address is advertised (identify push to connected peers, and
+        through them the DHT); an unreachable one stays a hole-punch candidate only.
+        """
+        assert self.dial_back is not None
+        last_full = trio.current_time()
+        pause = 1.0
+        while True:
+            with trio.move_on_after(_ADDRESS_RECHECK):
+                while not self.addresses.unconfirmed():
+                    await self.addresses.changed.wait()
+            if trio.current_time() - last_full >= _ADDRESS_RECHECK:
+                self.addresses.confirmed.clear()
+                self.addresses.unreachable.clear()
+                last_full = trio.current_time()
+            for relay in [r for r in self.relays if self.is_connected(r.peer_id)][:1]:
+                await confirm(self.dial_back, relay.peer_id, self.addresses)
+            # A relay that gave no verdict (busy, restarting, our path broken) is
+            # asked again later, less and less often; a new address asks at once.
+            pause = 1.0 if not self.addresses.unconfirmed() else min(pause * 2, 300.0)
+            with trio.move_on_after(pause):
+                await self.addresses.changed.wait()
+
+    async def push_address_changes(self) -> None:
+        """Forever: tell connected peers (the relay's DHT among them) when our advertised addresses change."""
+        advertised = self.advertised_addrs()
+        while True:
+            await self.addresses.changed.wait()
+            await trio.sleep(0.1)  # several changes at once make one push
+            if self.advertised_addrs() != advertised:
+                advertised = self.advertised_addrs()
+                log.info("advertising %s", ", ".join(advertised) or "no address")
+                with trio.move_on_after(10):
+                    await self.host._push_identify_to_all_peers()  # type: ignore[attr-defined]
+
+
+def _interface_ipv4s() -> list[str]:
+    """IPv4 addresses of this machine's non-loopback interfaces (ifaddr, a libp2p dependency)."""
+    import ifaddr
+
+    return [
+        str(ip.ip)
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+        if isinstance(ip.ip, str) and not ip.ip.startswith("127.")
+    ]
+
+
+class _DeadDirectConnection(Exception):
+    """The direct connection a stream was opening on did not answer a probe and was closed."""
 
 
 def relay_circuit_addr(relay_addr: str, peer_id: str) -> str:
@@ -339,18 +542,74 @@ async def open_libp2p_node(
     key_pair = load_identity(settings.home)
     relays = _relay_states(settings) if role == "node" else []
     listen = settings.relay.listen if role == "relay" else settings.listen
-    try:
-        listen_addrs = [multiaddr.Multiaddr(a) for a in listen]
-    except Exception as exc:
-        raise ConfigError(f"listen: {listen!r} holds an address that is not a multiaddr") from exc
+    # -- listen addresses: checked before the host exists, so a bad one is one line
+    # and nothing starts. Only /ip4 or /ip6 + /tcp (+ /ws when enabled): anything
+    # else has no transport here (Swarm.listen skips it, network/swarm.py:1834, and
+    # host.run ignores the result, host/basic_host.py:591: the node ran listening on
+    # nothing), and /dns listen addresses bind every interface (tcp.py:256,
+    # extract_ip_from_multiaddr gives no host for them).
+    # A fixed port that something already listens on is refused: libp2p binds
+    # with SO_REUSEPORT (transport/tcp/tcp.py:44-62), so a second relay on the
+    # port would start and the kernel would split connections between the two.
+    # The probe binds without SO_REUSEPORT, which fails while any listener holds
+    # the port; SO_REUSEADDR lets a restart reuse a port left in TIME_WAIT.
+    import errno  # (local: this block is the listen check, kept in one place)
+    import socket
+
+    where = "relay.listen" if role == "relay" else "listen"
+    if role == "relay" and not listen:
+        raise ConfigError("relay.listen is empty: a relay needs an address, e.g. /ip4/0.0.0.0/tcp/7777")
+    listen_addrs = []
+    for text in listen:
+        try:
+            maddr = multiaddr.Multiaddr(text)
+            kinds = [proto.name for proto in maddr.protocols()]
+        except Exception as exc:
+            raise ConfigError(f"{where}: {text!r} is not a multiaddr (expected /ip4/ADDR/tcp/PORT)") from exc
+        transports.check_listen_addr(where, text, kinds, settings.transports)  # TCP, or /ws when enabled
+        port = int(maddr.value_for_protocol("tcp"))
+        with socket.socket(socket.AF_INET6 if kinds[0] == "ip6" else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((maddr.value_for_protocol(kinds[0]), port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    who = "relay" if role == "relay" else "node"
+                    raise ConfigError(f"{where}: port {port} is already in use (another peerup {who}?)") from exc
+                raise ConfigError(f"{where}: cannot listen on {text}: {exc.strerror or exc}") from exc
+        listen_addrs.append(maddr)
+    # -- end of the listen check
+    limits = settings.limits
     host = new_host(
         key_pair=key_pair,
         muxer_preference="YAMUX",  # pitfall 10: mplex fails over a circuit
-        connection_config=workarounds.connection_config(),
+        connection_config=workarounds.connection_config(limits.max_connections, limits.handshake_timeout),
     )
+    transports.install(host, settings.transports, limits.handshake_timeout)  # issue #12.5: tcp / ws
     workarounds.disable_auto_dial(host)
+    workarounds.hide_unspecified_addrs(host)
+    workarounds.drop_resource_manager(host)
+    workarounds.single_dial_attempt(host)
+    muxer.install(
+        host,
+        MuxerLimits(
+            max_inbound_streams=limits.max_streams_per_connection,
+            max_window=limits.max_stream_window,
+            window_growth=limits.window_growth_per_connection,
+            max_buffered=limits.max_buffered,
+        ),
+    )
+    gate = admission.install(
+        host,
+        AdmissionLimits(
+            max_connections=limits.max_connections,
+            max_pending=limits.max_pending,
+            max_pending_per_ip=limits.max_pending_per_ip,
+            handshake_timeout=limits.handshake_timeout,
+        ),
+    )
     if role == "relay":
-        protocol = CircuitV2Protocol(host, limits=_relay_limits(settings), allow_hop=True)
+        protocol = CircuitV2Protocol(host, limits=relay_limit.relay_limits(settings), allow_hop=True)  # #12.6
         apply_relay_policy(protocol, RelayPolicy(parse_allow(settings.relay.allow), settings.relay.max_circuits))
         dht = KadDHT(host, DHTMode.SERVER)
         workarounds.release_reservations_on_disconnect(host, protocol.resource_manager)
@@ -360,17 +619,26 @@ async def open_libp2p_node(
     circuit = CircuitV2Transport(host, protocol, RelayConfig(roles=RelayRole.STOP))
     node = Libp2pNode(host, role, dht, circuit)
     node.relays = relays
+    node.gate = gate
     if relays:
-        # Pitfall 6/7: advertise only circuit addresses, so peers (and the DHT)
-        # never try our direct addresses from behind NAT.
-        workarounds.advertise_addrs(host, node.circuit_addrs)
+        # Pitfall 6/7: advertise circuit addresses and confirmed public ones only,
+        # so peers (and the DHT) never try an unreachable address from behind NAT.
+        workarounds.advertise_addrs(host, node.advertised_addrs)
+    node.dial_back = DialBackService(host)  # type: ignore[arg-type]  # answers others' dial-back requests; asks ours
     async with host.run(listen_addrs=listen_addrs):
         try:
+            if listen_addrs and not host.get_transport_addrs():
+                # Every bind failed after the probe passed (a race, or a refusal the
+                # probe cannot see); libp2p logged why. Not a node listening on nothing.
+                raise ConfigError(f"{where}: could not listen on {', '.join(listen)}")
             async with (
                 background_trio_service(protocol),
                 background_trio_service(dht),
                 trio.open_nursery() as nursery,
             ):
+                _start_nat(node, settings, nursery, delays_factory or settings_delays(settings))
+                if role == "node" and settings.nat.port_mapping:  # issue #12.4: NAT-PMP / UPnP IGD
+                    nursery.start_soon(portmap.map_listen_ports, host.get_transport_addrs(), node.addresses.set_mapped)
                 for relay in relays:
                     nursery.start_soon(node.keep_relay, relay, delays_factory or settings_delays(settings))
                 if settings.timeouts.keepalive is not None:
@@ -388,6 +656,22 @@ async def open_libp2p_node(
                     nursery.cancel_scope.cancel()
         finally:
             await workarounds.close_host(host)
+
+
+def _start_nat(node: Libp2pNode, settings: Settings, nursery: trio.Nursery, delays: DelaysFactory) -> None:
+    """Address discovery, dial-back confirmation and hole punching for a node (docs/nat.md)."""
+    ports = [addr.value_for_protocol("tcp") for addr in node.host.get_transport_addrs() if "/tcp/" in str(addr)]
+    node.addresses.listen_port = int(ports[0]) if ports else None
+    if node.role != "node" or not node.relays:
+        return
+    if settings.nat.address_discovery:
+        watch_observations(node.host, node.addresses)
+        nursery.start_soon(node.keep_addresses_confirmed)
+        nursery.start_soon(node.push_address_changes)
+    if settings.nat.hole_punching:
+        node.puncher = HolePuncher(node.host, node.addresses, node.punch_listen_addrs)
+        node.upgrader = PathUpgrader(node.puncher, delays, nursery)
+        nursery.start_soon(node.upgrader.release_relayed)
 
 
 def _protocol_refused(exc: BaseException) -> bool:

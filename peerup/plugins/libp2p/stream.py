@@ -4,6 +4,8 @@ libp2p signals end-of-stream by raising ``StreamEOF`` (``read()`` never returns
 ``b""``) and a broken stream with ``StreamReset``/``StreamError``; anyio code
 expects ``EndOfStream`` and ``BrokenResourceError``. Half-close maps to
 ``close_write()``, which with yamux sends FIN and keeps the read side open.
+With peerup's yamux session (:mod:`.muxer`) ``StreamEOF`` means the peer's FIN
+and nothing else: a reset or a lost connection is ``BrokenResourceError``.
 """
 
 from __future__ import annotations
@@ -109,15 +111,30 @@ class Libp2pByteStream(ByteStream):
             raise anyio.BrokenResourceError(f"peer stream broken: {exc or exc.__class__.__name__}") from exc
 
     async def aclose(self) -> None:
+        """FIN when the peer has finished sending too; otherwise a reset, as TCP's close() does.
+
+        A stream closed while the peer may still send (a refused request, a
+        handler that returned early) would otherwise keep its receive buffer
+        and its slot until the peer happens to finish.
+        """
         if self._closed:
             return
         self._closed = True
+        muxed = getattr(self._stream, "muxed_stream", None)
+        if not getattr(muxed, "finished_receiving", True):
+            await self.abort()
+            return
         try:
             await self._stream.close()
         except Exception:  # noqa: BLE001 - any failure: fall back to reset
             # Already reset or the connection is gone: nothing left to flush.
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await self._stream.reset()
+            await self.abort()
+
+    async def abort(self) -> None:
+        """Reset the stream: the peer reads a reset, never a clean end."""
+        self._closed = True
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self._stream.reset()
 
     def _get_remote_address(self) -> str:
         if self._remote_address is None:
@@ -130,4 +147,5 @@ class Libp2pByteStream(ByteStream):
             PeerAttribute.remote_peer: lambda: self._remote_peer,
             PeerAttribute.path: lambda: self._path,
             PeerAttribute.remote_address: self._get_remote_address,
+            PeerAttribute.abort: lambda: self.abort,
         }

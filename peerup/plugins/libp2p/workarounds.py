@@ -24,7 +24,7 @@ import multiaddr
 import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
-from libp2p.network.config import ConnectionConfig
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.relay.circuit_v2.resources import RelayResourceManager
 
 from peerup.plugins.libp2p import fastpath, relay_circuits
@@ -67,11 +67,63 @@ def kad_protocol_in_use() -> str:
 
 
 # (b) network/swarm.py:934-937: host.connect() waits a fixed 250 ms
-# (_HAPPY_EYEBALLS_DELAY) after dialing the last address unless
-# max_connections_per_peer is reached. With 1 a connect takes 5-8 ms.
-def connection_config() -> ConnectionConfig:
-    """(b) A ConnectionConfig whose dial returns as soon as one connection is up."""
-    return ConnectionConfig(max_connections_per_peer=1)
+# (_HAPPY_EYEBALLS_DELAY, swarm.py:92) after dialing the last address unless
+# max_connections_per_peer is reached; it used to be set to 1, which also made
+# the swarm trim a second connection to a peer (swarm.py:2844 _trim_connections)
+# and so ruled out a direct connection beside a relayed one (hole punching).
+# Now the limit is 4 and the delay 0: addresses are dialed in parallel and a
+# connect returns as soon as its dials end (5-8 ms on loopback).
+# (m) network/config.py: max_connections 300 and a pruner that closes
+# connections above high_watermark 200 (network/connection_pruner.py:239): a
+# relay with 201 reserved peers would start cutting them. The cap is peerup's
+# own (limits.max_connections, counted over open connections) and the pruner
+# never fires below it; the upgrade timeout is the admission gate's deadline.
+def connection_config(max_connections: int = 2048, handshake_timeout: float = 10.0) -> ConnectionConfig:
+    """(b, m) Dial returns as soon as one connection is up; one cap, no pruning below it."""
+    return ConnectionConfig(
+        max_connections_per_peer=4,
+        max_connections=max_connections,
+        min_connections=0,
+        low_watermark=0,
+        high_watermark=max_connections,
+        inbound_upgrade_timeout=handshake_timeout,
+    )
+
+
+# (q) network/swarm.py:980-1040 _dial_with_retry: every dial of an address is
+# retried up to 3 more times with its own backoff (RetryConfig, network/config.py:37),
+# inside whatever deadline and retry policy the caller has. A dial to a dead
+# address then took 3 attempts, and a peerup retry policy of 1, 2, 4 s became
+# 4 x 3 attempts at unpredictable times. The retry policy is peerup's: one
+# attempt per dial here.
+def single_dial_attempt(host: IHost) -> None:
+    """(q) The swarm makes one attempt per dial; peerup's retry policy spaces the rest."""
+    host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
+
+
+# (n) rcmgr/manager.py:833 new_resource_manager(): new_host() attaches a
+# resource manager with limits of its own (1000 connections, 10000 streams,
+# a memory cap read from the machine's total, per-peer connection limits) and a
+# swarm-wide stream semaphore sized from them (network/swarm.py:369) that
+# queues inbound streams without a deadline once full. Its counters are
+# released on paths the swarm does not always take, and its refusals are
+# silent. peerup bounds the same things itself, once, where they are tested
+# (admission.py, muxer.py, relay_policy.py, auth.max_streams_per_peer), so the
+# host runs without it.
+def drop_resource_manager(host: IHost) -> None:
+    """(n) Detach libp2p's resource manager and its stream semaphore from ``host``."""
+    host.get_network().set_resource_manager(None)  # type: ignore[attr-defined]
+
+
+# (o) network/swarm.py:110-140 and 752: after a dial to a peer failed on all
+# addresses, every dial to it for the next 60 s is answered "recently failed
+# all addresses (negative cache)" without touching the network. A relay that
+# restarted, or a serving node that came back, was then unreachable for a
+# minute whatever the retry policy said (1, 2, 4 s retries all hit the cache).
+# peerup's dials are each scheduled by a retry policy, so each one dials.
+def dial_for_real(host: IHost, peer: Any) -> None:
+    """(o) Forget a previous failure to reach ``peer`` before a dial the retry policy asked for."""
+    host.get_network().unblock_peer(peer)  # type: ignore[attr-defined]
 
 
 # (h) network/auto_connector.py:270-330 and swarm.py:395, 2753: the swarm keeps
@@ -81,13 +133,25 @@ def connection_config() -> ConnectionConfig:
 # the peers it proxies to); dialing every peer the DHT mentioned would also reach
 # out to NATed addresses for nothing. Zero watermarks do not help: the pruner
 # reads the same numbers. So this node's auto-connector is made a no-op.
+# The auto-connector also remembers every peer that ever disconnected
+# (network/auto_connector.py:611-625, ``_recent_disconnects``) and prunes that
+# table only inside maybe_connect (auto_connector.py:456), which is off here:
+# about 460 bytes per distinct peer, never freed (measured: 99 -> 117 MiB over
+# 20,000 fresh identities; benchmarks/churn.py). Its bookkeeping is for
+# auto-dialing only, so it is not kept at all.
 def disable_auto_dial(host: IHost) -> None:
-    """(h) Stop the swarm from dialing peerstore peers on its own."""
+    """(h) Stop the swarm from dialing peerstore peers on its own, and from remembering every peer for it."""
 
     async def no_auto_dial() -> None:
         return None
 
-    host.get_network().auto_connector.maybe_connect = no_auto_dial  # type: ignore[attr-defined]
+    def forget(peer_id: Any) -> None:
+        return None
+
+    connector = host.get_network().auto_connector  # type: ignore[attr-defined]
+    connector.maybe_connect = no_auto_dial
+    connector.record_disconnect = forget
+    connector.record_failed_connection = forget
 
 
 class _ReleaseReservationOnDisconnect(INotifee):
@@ -130,6 +194,23 @@ def release_reservations_on_disconnect(host: IHost, resources: RelayResourceMana
     notifee = _ReleaseReservationOnDisconnect(resources)
     host.get_network().register_notifee(notifee)
     return notifee
+
+
+def hide_unspecified_addrs(host: IHost) -> None:
+    """(r) Never tell peers a wildcard address (``/ip4/0.0.0.0``, ``/ip6/::``).
+
+    Upstream: host/basic_host.py:505-540 advertises the listen addresses as
+    bound, so a relay listening on 0.0.0.0:7777 told every peer, through
+    identify, to dial 0.0.0.0:7777; their swarm kept one address per transport
+    (network/swarm.py:880-892) and reconnects to the relay dialed nowhere.
+    Install before :func:`advertise_addrs`, which it then also covers.
+    """
+    original = host.get_addrs
+
+    def get_addrs() -> list[multiaddr.Multiaddr]:
+        return [a for a in original() if not str(a).startswith(("/ip4/0.0.0.0/", "/ip6/::/"))]
+
+    host.get_addrs = get_addrs  # type: ignore[method-assign]
 
 
 def advertise_addrs(host: IHost, addrs: Callable[[], Sequence[str]]) -> None:
@@ -198,11 +279,37 @@ def yamux_window_wait_patched() -> bool:
 # (f) Shutdown: leaving host.run() does not close the TCP listener (the cleanup
 # in network/swarm.py:420-466 runs in a cancelled scope; the listener is a system
 # task, transport/tcp/tcp.py:303), so the port keeps accepting. Calling
-# host.close() inside the run() block closes it (~200 ms: a fixed sleep in
-# network/connection/swarm_connection.py:218). Used by node.open_libp2p_node.
+# host.close() inside the run() block closes it. Used by node.open_libp2p_node.
+# But host.close() -> Swarm.close() (network/swarm.py:2301-2325) closes the
+# connections one at a time, each about 0.2 s (fixed sleeps at
+# stream_muxer/yamux/yamux.py:823 and network/connection/swarm_connection.py:218),
+# and the listeners only after them; and by then the swarm's service has
+# stopped (the caller's cancel scope covers host.run()). Every peer that
+# reconnects in that window is accepted, upgraded, and fails in add_conn
+# (swarm.py:2617, manager.run_task) with a LifecycleError whose traceback is
+# logged as a WARNING (swarm.py:2705-2714). Measured on a relay with 10 peers
+# (5 serving nodes, 5 proxies) stopped by SIGTERM: 2.1 s and 23 tracebacks.
+# So the listeners close first and the connections all at once.
 async def close_host(host: IHost) -> None:
-    """(f) Close ``host`` so its listening ports are released; call inside ``host.run()``."""
+    """(f) Close ``host`` so its listening ports are released; call inside ``host.run()``.
+
+    Listeners first, so no peer gets in while the rest shuts down; then every
+    connection at once; then ``host.close()`` for the rest (services, transports).
+    """
+    network = host.get_network()
+
+    async def quietly(close: Callable[[], Any]) -> None:
+        try:
+            await close()
+        except Exception as exc:  # noqa: BLE001 - shutting down: a failure to close is not the user's problem
+            log.debug("while closing %s: %s", close, exc)
+
     with trio.CancelScope(shield=True), trio.move_on_after(5):
+        for listener in list(getattr(network, "listeners", {}).values()):
+            await quietly(listener.close)
+        async with trio.open_nursery() as nursery:
+            for conn in network.get_connections():
+                nursery.start_soon(quietly, conn.close)
         await host.close()
 
 
@@ -238,6 +345,12 @@ _NOISE = {
         "Error sending status message",
     ),
     "libp2p.kad_dht.kad_dht": ("Failed to read DHT message",),
+    # transport/tcp/tcp.py:483, 488: every failed dial is an ERROR, also the ones a
+    # hole punch or a dial-back expects to fail; peerup reports failed dials itself.
+    "libp2p.transport.tcp.tcp": ("Failed to open TCP stream", "Unexpected error opening TCP stream"),
+    # autonat.py:236: a client that gave up waiting for its dial-back resets the
+    # stream; the server's late answer then fails, at ERROR, once per request.
+    "libp2p.host.autonat.autonat": ("Error handling AutoNAT stream",),
     # peer_routing.py:380: find_peer also queries the target, whose only
     # addresses are circuits the swarm cannot dial (pitfalls 1 and 7).
     "libp2p.kad_dht.peer_routing": ("Failed to open stream to",),
@@ -255,13 +368,24 @@ def quiet_known_noise() -> None:
             logger.addFilter(_DemoteNoise(prefixes))
 
 
+def no_happy_eyeballs_delay() -> None:
+    """(b) Dial a peer's addresses in parallel instead of waiting 250 ms after each (process-wide)."""
+    from libp2p.network import swarm
+
+    setattr(swarm, "_HAPPY_EYEBALLS_DELAY", 0.0)  # noqa: B010 - not re-exported for mypy
+
+
 def apply_global_workarounds() -> None:
-    """Apply the process-wide workarounds (a), (e), (g) and the data-path fixes. Idempotent; called at plugin load."""
+    """Apply the process-wide workarounds (a), (b), (e), (g) and the data-path fixes; idempotent."""
     use_private_dht_protocol()
+    no_happy_eyeballs_delay()
     unbounded_yamux_window_wait()
     relay_circuits.use_peerup_relay_pump()
     quiet_known_noise()
     fastpath.apply()  # Noise/yamux throughput fixes, see fastpath.py
+    from peerup.plugins.libp2p.relay_limit import read_relay_limits  # issue #12.6: a relay's limit, read
+
+    read_relay_limits()
 
 
 __all__ = [
@@ -270,10 +394,14 @@ __all__ = [
     "apply_global_workarounds",
     "close_host",
     "connection_config",
+    "dial_for_real",
     "disable_auto_dial",
+    "drop_resource_manager",
+    "hide_unspecified_addrs",
     "kad_protocol_in_use",
     "quiet_known_noise",
     "release_reservations_on_disconnect",
+    "single_dial_attempt",
     "unbounded_yamux_window_wait",
     "use_private_dht_protocol",
     "yamux_window_wait_patched",
