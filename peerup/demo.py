@@ -106,6 +106,12 @@ def run(keep: bool) -> int:
             print(f"HTTP {response.status}: {body.strip()}")
             path = proxy.wait_for(r"connection from .* (\w+) path", stderr=True).group(1)
             print(f"path taken: {path}")
+            if path == "direct":
+                print(
+                    "(on one machine the serving node's address is reachable, so the relay confirmed it and the"
+                    " laptop dialed it directly; behind real NATs the first connection goes through the relay"
+                    " and hole punching upgrades it: docs/nat.md)"
+                )
 
             say("peerup ping <peer> -c 3")
             ping = subprocess.run(

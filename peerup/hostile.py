@@ -254,7 +254,10 @@ class HostileConnection:
         self.muxed._ping_sent_time = started
         with trio.fail_after(timeout):
             await self.write_frames(frame(yamux.TYPE_PING, yamux.FLAG_SYN, 0, random.getrandbits(31)))
-            while not event.is_set():
+            # Upstream's RTT loop (yamux.py:703-725) replaces ``_ping_event`` when it
+            # sends its own PING, which a flood can delay until just after ours; the
+            # ACK of a PING sent after ours proves as much, so either event counts.
+            while not event.is_set() and not (self.muxed._ping_event is not event and self.muxed._ping_event.is_set()):
                 if self.closed:
                     raise trio.BrokenResourceError("the connection ended before the PING was answered")
                 with trio.move_on_after(0.05):

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from peerup.testing import (
+    RELAYED_ONLY_TOML,
     BulkConnection,
     BulkService,
     CliProc,
@@ -109,6 +110,10 @@ def tunnel(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tunnel]:
     relay_config = getattr(request, "param", "")
     if relay_config:
         (homes["relay"] / "config.toml").write_text(relay_config)
+    # These tests are about the relayed path (a relay killed mid-transfer): on 127.0.0.1
+    # the peers would otherwise find a direct path (docs/nat.md).
+    for name in ("server", "laptop"):
+        (homes[name] / "config.toml").write_text(RELAYED_ONLY_TOML)
     added = peerup_run(["--home", str(homes["server"]), "auth", "add", ids["laptop"], "--comment", "laptop"])
     assert added.returncode == 0, added.stderr
     service = BulkService(PATTERN)

@@ -98,7 +98,46 @@ async def test_abort_on_one_side_closes_the_other(home: Path, side: str) -> None
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await victim.aclose()
         with anyio.fail_after(5):
-            assert await read_all(survivor) == b""
+            # A reset, passed on as a reset: a clean EOF would tell the survivor the
+            # exchange was complete (ADR 0008).
+            assert await ending(survivor) == "reset"
+
+
+async def ending(stream: SocketStream) -> str:
+    """Read to the end: ``"eof"`` for a clean end, ``"reset"`` for a broken connection."""
+    try:
+        while True:
+            await stream.receive()
+    except anyio.EndOfStream:
+        return "eof"
+    except (anyio.BrokenResourceError, ConnectionError):
+        return "reset"
+
+
+async def test_a_client_that_resets_while_the_service_never_reads_ends_the_tunnel(home: Path) -> None:
+    """The upward copy is stuck sending to a service that never reads; the client gives up with RST.
+
+    Nothing reads the client's socket any more, so only its TCP state shows it is
+    gone; the tunnel must notice and let go of the service's connection too.
+    """
+    import socket
+    import struct
+
+    from peerup.plugins.proxy import RESET_CHECK_INTERVAL
+
+    async with proxied(home) as (app, service):
+        chunk = b"x" * 65536
+        with anyio.move_on_after(2):  # until every buffer on the way is full
+            while True:
+                await app.send(chunk)
+        raw = app.extra(anyio.abc.SocketAttribute.raw_socket)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await app.aclose()
+        started = anyio.current_time()
+        with anyio.fail_after(RESET_CHECK_INTERVAL * 2 + 3):
+            # The service drains what was already sent, then sees the tunnel reset.
+            assert await ending(service) == "reset"
+        assert anyio.current_time() - started < RESET_CHECK_INTERVAL * 2 + 3
 
 
 async def test_idle_timeout_when_configured(home: Path) -> None:
@@ -108,7 +147,8 @@ async def test_idle_timeout_when_configured(home: Path) -> None:
     settings = load_settings(home)
     with anyio.fail_after(5):
         assert await proxy_stream(local, remote, settings, None) is True
-        assert await read_all(app) == b""
-        assert await read_all(service) == b""
+        # Closed for idleness is a cut, not a finished exchange: both ends see a reset.
+        assert await ending(app) == "reset"
+        assert await ending(service) == "reset"
     await app.aclose()
     await service.aclose()

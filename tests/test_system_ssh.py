@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from peerup.testing import CliTunnel, free_port, init_home, peerup_run
+from peerup.testing import RELAYED_ONLY_TOML, CliTunnel, free_port, init_home, peerup_run
 
 pytestmark = [pytest.mark.system]
 
@@ -105,12 +105,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def test_ssh_session_and_50_mib_both_ways_through_a_relayed_tunnel(tmp_path: Path, sshd: tuple[int, Path]) -> None:
+@pytest.mark.parametrize("path", ["relayed", "direct"])
+def test_ssh_session_and_50_mib_both_ways_through_a_tunnel(tmp_path: Path, sshd: tuple[int, Path], path: str) -> None:
+    """OpenSSH through the tunnel, on the relayed path and on the direct one.
+
+    Relayed: the home node neither confirms nor punches (on 127.0.0.1 it could).
+    Direct: the defaults; the proxy starts once the home node's address is
+    confirmed, so its first lookup already finds the direct address.
+    """
     assert SSH and SCP
     ssh_port, user_key = sshd
     homes = {name: tmp_path / name for name in ("relay", "home", "laptop")}
     for home in homes.values():
         init_home(home)
+    if path == "relayed":
+        for name in ("home", "laptop"):
+            (homes[name] / "config.toml").write_text(RELAYED_ONLY_TOML)
     laptop_id = peerup_run(["--home", str(homes["laptop"]), "whoami"]).stdout.strip()
     added = peerup_run(["--home", str(homes["home"]), "auth", "add", laptop_id, "--comment", "laptop"])
     assert added.returncode == 0, added.stderr
@@ -136,6 +146,8 @@ def test_ssh_session_and_50_mib_both_ways_through_a_relayed_tunnel(tmp_path: Pat
         )
         server_id = server.wait_for(r"^peer (\S+)").group(1)
         server.wait_for(r"reachable at \S+p2p-circuit")
+        if path == "direct":
+            server.wait_for(r"advertising /ip4/127\.0\.0\.1/tcp/", stderr=True)
         proxy = cli.start(
             "proxy", ["--home", str(homes["laptop"]), "-v", "proxy", server_id, "ssh", "0", "--relay", relay_addr]
         )
@@ -153,7 +165,7 @@ def test_ssh_session_and_50_mib_both_ways_through_a_relayed_tunnel(tmp_path: Pat
         result = subprocess.run([*ssh, "echo hello from; echo $((6 * 7))"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr + cli.logs()
         assert result.stdout.split() == ["hello", "from", "42"]
-        proxy.wait_for(r"connection from .* relayed path", stderr=True)
+        proxy.wait_for(rf"connection from .* {path} path", stderr=True)
 
         # An interactive session on a pty: a shell reads our typing line by line.
         session = subprocess.run(

@@ -140,6 +140,55 @@ async def test_fifty_concurrent_connections_on_one_tunnel(tmp_path: Path) -> Non
     assert results == {index: True for index in range(50)}
 
 
+@pytest.mark.parametrize("path", ["relayed", "direct"])
+async def test_a_peers_stream_slots_are_free_again_as_soon_as_its_tunnels_end(tmp_path: Path, path: str) -> None:
+    """With room for two streams per peer, sixty tunnels one after another, ended cleanly,
+    by a reset from the app, and by a reset from the service, all get through: each
+    ended tunnel gives its slot back at once (the issue saw slots held up to 30 s)."""
+    import socket
+    import struct
+
+    async def service(stream: SocketStream) -> None:
+        async with stream:
+            data = await stream.receive()
+            await stream.send(data)
+            if data.startswith(b"service-reset"):
+                raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            await read_all(stream)
+
+    nat: dict[str, bool] = {} if path == "direct" else RELAYED_ONLY
+    async with (
+        tcp_service(service) as addr,
+        relay(tmp_path) as relay_addr,
+        serving_node(
+            tmp_path, relay_addr, {"svc": addr}, auth={"allow_all": True, "max_streams_per_peer": 2}, nat=nat
+        ) as (server_rt, server),
+        client_node(tmp_path, relay_addr) as (runtime, client),
+        anyio.create_task_group() as tg,
+    ):
+        proxy = ProxySettings(peer=server.peer_id, service="svc", port=0)
+        port = await tg.start(runtime.serve_proxy, client, proxy, tg)
+        with anyio.fail_after(60):
+            for n in range(60):
+                how = ("clean", "app-reset", "service-reset")[n % 3]
+                stream = await anyio.connect_tcp("127.0.0.1", port)
+                await stream.send(f"{how} {n}".encode())
+                assert await stream.receive() == f"{how} {n}".encode(), f"tunnel {n} ({how}) refused"
+                if how == "app-reset":
+                    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    await stream.aclose()
+                else:
+                    await stream.send_eof()
+                    await read_all(stream)
+                    await stream.aclose()
+            while server_rt.open_tunnels:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+
+
 async def test_paused_reader_for_ten_seconds_does_not_kill_a_relayed_tunnel(tmp_path: Path) -> None:
     """A paused terminal: the app stops reading while the service keeps sending."""
     total = 4 * MiB

@@ -33,7 +33,6 @@ from libp2p.protocol_muxer.exceptions import MultiselectClientError, ProtocolNot
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
-from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -58,9 +57,6 @@ _NO_RESERVATION = "status 204"
 
 DelaysFactory = Callable[[], Iterator[float]]
 
-#: "Unlimited" for RelayLimits fields that must be ints (about 146 years, 4 EiB).
-_UNLIMITED_SECONDS = 2**32
-_UNLIMITED_BYTES = 2**62
 #: How often the relay keeper checks that its relay connection is still up.
 _RELAY_CHECK_INTERVAL = 0.25
 #: Re-reserve this long before the relay says the reservation expires.
@@ -503,17 +499,6 @@ def parse_peer_id(text: str) -> str:
 def _why(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__
-
-
-def _relay_limits(settings: Settings) -> RelayLimits:
-    relay = settings.relay
-    return RelayLimits(
-        duration=int(relay.circuit_duration) or _UNLIMITED_SECONDS,
-        data=relay.circuit_data if relay.circuit_data is not None else _UNLIMITED_BYTES,
-        max_circuit_conns=relay.max_circuits_per_peer,
-        max_reservations=relay.max_reservations,
-        reservation_ttl=int(relay.reservation_ttl),
-    )
 
 
 def _relay_states(settings: Settings) -> list[RelayState]:
