@@ -138,3 +138,35 @@ def recover(w: PeerupWorld, timeout: float = 30.0) -> float | None:
         assert moved.ending != "eof", f"a broken transfer looked finished: {moved}\n{w.logs()}"
         time.sleep(0.5)
     return None
+
+
+def test_a_port_mapped_server_is_direct_even_for_a_symmetric_client(lab: NetLab, tmp_path: Path) -> None:
+    """The server's router runs miniupnpd: the node maps its port, the relay confirms the mapped
+    address, and a client behind a symmetric NAT (which cannot punch) dials it directly."""
+    w = PeerupWorld(lab, tmp_path, "cone", "symmetric", upnp=True).start()
+    try:
+        assert w.server is not None
+        w.server.wait_for(r"port mapping: TCP \d+ is reachable at", stderr=True, timeout=20)
+        w.server.wait_for(r"address /ip4/\S+ is reachable from outside", stderr=True, timeout=20)
+        assert w.wait_for_path("direct", timeout=15) is not None, w.logs()
+        check_intact(w, "direct")
+    finally:
+        w.stop()
+
+
+def test_a_relay_that_limits_circuits_still_carries_the_punch(lab: NetLab, tmp_path: Path) -> None:
+    """A relay allowing 256 KiB per relayed connection (as go/js relays do, 128 KiB): enough to
+    coordinate the punch; the 16 MiB transfers then run on the direct path. A tunnel the limit
+    cuts is reset, never ended short."""
+    w = world_with_relay(lab, tmp_path, "[relay]\ncircuit_data = 262144\n")
+    try:
+        cut = w.transfer(SIZE)  # the first tunnel starts relayed: the relay cuts it at its limit...
+        assert cut.intact or cut.ending != "eof", f"a cut tunnel looked finished: {cut}\n{w.logs()}"
+        assert w.wait_for_path("direct", timeout=15) is not None, w.logs()
+        check_intact(w, "direct")  # ...and the ones after the punch are direct and whole
+    finally:
+        w.stop()
+
+
+def world_with_relay(lab: NetLab, tmp_path: Path, relay_config: str) -> PeerupWorld:
+    return PeerupWorld(lab, tmp_path, "cone", "cone", relay_config=relay_config).start()
