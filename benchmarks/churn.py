@@ -212,6 +212,23 @@ def plot_svg(path: Path, samples: list[dict[str, Any]], title: str) -> None:
     path.write_text("\n".join(parts))
 
 
+def summary(result: dict[str, Any]) -> str:
+    """The performance.md paragraph for a saved result (benchmarks/run.py includes it)."""
+    stats, after, params = result["stats"], result["after"], result.get("params", {})
+    base, final = result["baseline"], result["final"]
+    return (
+        f"{stats['attempted']} connect-and-close cycles from fresh identities against a "
+        f"{params.get('target', 'relay')} "
+        f"process ({result.get('when', '')}), {params.get('concurrency', '?')} at a time: "
+        f"{stats['ok']} ok, {stats['failed']} failed, {stats['cycles_per_s']} cycles/s. "
+        f"Target RSS {base['rss_mib']} -> {final['rss_mib']} MiB (peak {result['peak_rss_mib']}), "
+        f"open files {base['fds']} -> {final['fds']} (peak {result['peak_fds']}); "
+        f"afterwards a new `peerup ping` exited {after['peerup_ping_exit']} and a new peer on the port: "
+        f"{after['direct_probe']}. Samples: `benchmarks/results/churn.csv`, plot next to it. "
+        "libp2p 0.8.1 refused every peer after about 250 cycles (docs/security.md)."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--connections", type=int, default=20000, help="connect-and-close cycles (default 20000)")

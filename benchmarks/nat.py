@@ -95,6 +95,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     def secs(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
+    def relayed(row: dict[str, Any]) -> str:
+        # A client that finds a confirmed public address never goes through the relay.
+        if row.get("relayed_path_of_bulk", "relayed") != "relayed":
+            return f"- (direct at once: {row['relayed_mb_s']})"
+        return str(row["relayed_mb_s"])
+
     out = [
         "| server | client | direct / tries | to direct, median s | p90 s | failed tunnels "
         "| relayed MB/s | direct MB/s |",
@@ -103,7 +109,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         out.append(
             f"| {r['server']} | {r['client']} | {r['direct']} / {r['tries']} | {secs(r['to_direct_median_s'])} | "
-            f"{secs(r['to_direct_p90_s'])} | {r['failed_tunnels']} | {r['relayed_mb_s']} | "
+            f"{secs(r['to_direct_p90_s'])} | {r['failed_tunnels']} | {relayed(r)} | "
             f"{r['direct_mb_s'] if r['direct_mb_s'] is not None else '-'} |"
         )
     return "\n".join(out)

@@ -1102,10 +1102,39 @@ Load average (1, 5, 15 min) at the start {_loadavg(m.get("loadavg_at_start"))}, 
             "patches to leave out (see `peerup/plugins/libp2p/fastpath.py`); the variants alternate "
             "round by round.\n\n" + render_ab(json.loads(ab_file.read_text())) + "\n"
         )
+    text += _measured_elsewhere()
     notes = results.get("notes") or []
     if notes:
         text += "\n### Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     (docs / "performance.md").write_text(text)
+
+
+def _measured_elsewhere() -> str:
+    """The NAT and churn sections, from the results their own commands wrote (root / long runs)."""
+    text = ""
+    nat_file = ROOT / "benchmarks" / "results" / "nat.json"
+    if nat_file.exists():
+        from benchmarks.nat import table as nat_table
+
+        nat = json.loads(nat_file.read_text())
+        text += (
+            f"\n### Direct paths across NAT (`python -m benchmarks.nat`, {nat['when']})\n\n"
+            "Real Linux NAT routers in network namespaces (peerup/netlab.py), the real CLI in them "
+            "(peerup/natworld.py). Per pair: direct paths out of fresh tries (a new identity and `peerup proxy` "
+            "each), seconds from the first tunnel to the first direct one, tunnels that failed (relayed or not), "
+            "and one 64 MiB echo (MB both ways per second) relayed, then direct, in the same topology. "
+            "Targets: cone/cone 20 of 20 with the median under 2 s; no failed tunnel anywhere.\n\n"
+            + nat_table(nat["rows"])
+            + "\n"
+        )
+    churn_file = ROOT / "benchmarks" / "results" / "churn.json"
+    if churn_file.exists():
+        from benchmarks.churn import summary as churn_summary
+
+        text += "\n### Connection churn (`python -m benchmarks.churn`)\n\n" + churn_summary(
+            json.loads(churn_file.read_text())
+        ) + "\n"
+    return text
 
 
 # -- main ---------------------------------------------------------------------------

@@ -40,8 +40,8 @@ import struct
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -895,6 +895,18 @@ class Lab:
         self.echo: EchoService | None = None
         self.relay_addr = ""
         self.server_direct = ""
+
+    @classmethod
+    @contextmanager
+    def running(cls, root: Path) -> Iterator[Lab]:
+        """A started relay and serving node; everything stopped afterwards, also on failure."""
+        lab = cls(root)
+        try:
+            lab.start_relay()
+            lab.start_server()
+            yield lab
+        finally:
+            lab.stop()
 
     def _start(self, name: str, args: list[str]) -> CliProc:
         from peerup.testing import CliProc

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from peerup.netlab import NetLab, NetLabUnavailable, unavailable_reason
 
 
 @pytest.fixture
@@ -54,3 +58,33 @@ def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> InstallPl
         return site
 
     return install
+
+
+@pytest.fixture
+def quiet_attacker(caplog: pytest.LogCaptureFixture) -> None:
+    """The attacker's own libp2p logs every refused dial at ERROR; the target's logs are what matter."""
+    caplog.set_level(logging.CRITICAL, logger="libp2p")
+
+
+@contextmanager
+def netlab_or_skip() -> Iterator[NetLab]:
+    """A started NetLab (peerup/netlab.py), or the test skipped with the reason it cannot be made."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    lab = NetLab()
+    try:
+        lab.start()
+    except NetLabUnavailable as exc:
+        lab.close()
+        pytest.skip(str(exc))
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture
+def netlab() -> Iterator[NetLab]:
+    with netlab_or_skip() as lab:
+        yield lab

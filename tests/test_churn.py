@@ -18,7 +18,6 @@ before and after the churn.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ import trio
 
 from peerup.hostile import Lab, churn, probe, process_fds, process_rss, tracebacks
 
-pytestmark = [pytest.mark.anyio, pytest.mark.system]
+pytestmark = [pytest.mark.anyio, pytest.mark.system, pytest.mark.usefixtures("quiet_attacker")]
 
 MiB = 1024 * 1024
 CYCLES = int(os.environ.get("PEERUP_CHURN_CYCLES", "2000"))
@@ -40,21 +39,10 @@ FD_SLACK = 8
 RSS_SLACK = 64 * MiB
 
 
-@pytest.fixture(autouse=True)
-def quiet_attacker(caplog: pytest.LogCaptureFixture) -> None:
-    """The attacker's own libp2p logs every refused dial at ERROR; the target's logs are what matter."""
-    caplog.set_level(logging.CRITICAL, logger="libp2p")
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(tmp_path)
-    try:
-        lab.start_relay()
-        lab.start_server()
+    with Lab.running(tmp_path) as lab:
         yield lab
-    finally:
-        lab.stop()
 
 
 async def legit_peers(lab: Lab, which: str) -> list[str]:

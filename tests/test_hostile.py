@@ -24,7 +24,6 @@ the attack; bounds are generous (150 MiB), timing bounds are liveness only.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +49,7 @@ from peerup.hostile import (
     tracebacks,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.system]
+pytestmark = [pytest.mark.anyio, pytest.mark.system, pytest.mark.usefixtures("quiet_attacker")]
 
 MiB = 1024 * 1024
 #: Thrown at the target by each flood: twice what it would take to notice without /proc.
@@ -68,34 +67,18 @@ SYN_FLOOD = 5_000
 WINDOW_LINE = re.compile(r"window", re.IGNORECASE)
 
 
-@pytest.fixture(autouse=True)
-def quiet_attacker(caplog: pytest.LogCaptureFixture) -> None:
-    """The attacker's own libp2p logs every refused dial at ERROR; the target's logs are what matter."""
-    caplog.set_level(logging.CRITICAL, logger="libp2p")
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     """A fresh relay + serving node per test: an attack that works must not leak into the next test."""
-    lab = Lab(tmp_path)
-    try:
-        lab.start_relay()
-        lab.start_server()
+    with Lab.running(tmp_path) as lab:
         yield lab
-    finally:
-        lab.stop()
 
 
 @pytest.fixture(scope="module")
 def shared_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """One relay + serving node for the garbage cases, which each end one connection."""
-    lab = Lab(tmp_path_factory.mktemp("garbage"))
-    try:
-        lab.start_relay()
-        lab.start_server()
+    with Lab.running(tmp_path_factory.mktemp("garbage")) as lab:
         yield lab
-    finally:
-        lab.stop()
 
 
 async def legit_ping(lab: Lab) -> str:

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from peerup.natworld import PeerupWorld, Place
-from peerup.netlab import NetLab, unavailable_reason
+from peerup.netlab import NetLab
+
+from conftest import netlab_or_skip
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -32,10 +34,7 @@ SIZE = 16 * MiB
 
 @pytest.fixture
 def lab() -> Iterator[NetLab]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with NetLab() as lab:
+    with netlab_or_skip() as lab:
         yield lab
 
 

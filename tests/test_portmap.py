@@ -25,6 +25,8 @@ import trio
 
 from peerup.plugins.libp2p import portmap
 
+from conftest import netlab_or_skip
+
 MAPPER = """
 import json, logging, sys, time, trio
 from peerup.plugins.libp2p import portmap
@@ -202,24 +204,11 @@ async def test_mapping_is_renewed_at_half_its_lifetime_and_an_address_change_is_
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Any]:
-    from peerup.netlab import NetLab, NetLabUnavailable, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     if shutil.which("miniupnpd") is None:
         pytest.skip("miniupnpd is not installed: apt-get install -y miniupnpd-nftables nftables")
-    lab = NetLab()
-    try:
-        lab.start()
+    with netlab_or_skip() as lab:
         lab.public_host("pub")
-    except NetLabUnavailable as exc:
-        lab.close()
-        pytest.skip(str(exc))
-    try:
         yield lab
-    finally:
-        lab.close()
 
 
 def _home(lab: Any, name: str, upnp: bool = True) -> Any:

@@ -44,6 +44,8 @@ from peerup.testing import (
     tcp_service,
 )
 
+from conftest import netlab_or_skip
+
 LOCAL_WS = "/ip4/127.0.0.1/tcp/0/ws"
 BOTH = ["tcp", "ws"]
 MiB = 1024 * 1024
@@ -223,21 +225,8 @@ print(json.dumps({"sent": hashlib.sha256(data).hexdigest(), "received": digest.h
 
 @pytest.fixture
 def lab() -> Iterator[Any]:
-    from peerup.netlab import NetLab, NetLabUnavailable, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    lab = NetLab()
-    try:
-        lab.start()
-    except NetLabUnavailable as exc:
-        lab.close()
-        pytest.skip(str(exc))
-    try:
+    with netlab_or_skip() as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def _peerup(node: Any, name: str, home: Path, args: list[str], ready: str, config: str = "") -> Any:

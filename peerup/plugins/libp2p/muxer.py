@@ -198,7 +198,7 @@ class Stream(YamuxStream):
                 else:
                     data = bytes(buffer[:n])
                     del buffer[:n]
-                conn.guard.adjust(conn, -len(data))
+                conn.note_read(len(data))
                 if self.closed and not len(buffer):
                     await conn._finalize_stream(self, fully_closed=True)
                 elif not self.finished_receiving and not conn.event_shutting_down.is_set():
@@ -275,6 +275,13 @@ class Session(Yamux):
         guard.register(self)
 
     # -- budget ---------------------------------------------------------------------
+
+    def note_read(self, size: int) -> None:
+        """A reader took ``size`` bytes out of a buffer (after teardown the guard no longer counts us)."""
+        if self._torn_down:
+            self.buffered -= size
+        else:
+            self.guard.adjust(self, -size)
 
     def grant_growth(self, want: int) -> int:
         granted = max(0, min(want, self._growth_left))
