@@ -35,6 +35,9 @@ VARIANTS = {
     "no fast path": "noise-read,noise-write,yamux-write,yamux-conn,yamux-buffers,yamux-open,yamux-credit,multiselect",
     "fast path 1-3 (before)": "yamux-conn,yamux-buffers,yamux-open,yamux-credit,multiselect",
     "fast path 1-7 (now)": "",
+    # peerup's yamux session (peerup/plugins/libp2p/muxer.py: enforced windows, limits,
+    # honest resets) against upstream's, everything else equal.
+    "upstream yamux session": "peerup-session",
 }
 PATHS = ["bare-libp2p-direct", "peerup-direct", "bare-libp2p-relayed", "peerup-relayed"]
 

@@ -124,7 +124,9 @@ class LimitsSettings(_Strict):
     max_pending: int = Field(256, ge=1, description="inbound connections still in their handshake; the oldest yields")
     max_pending_per_ip: int = Field(16, ge=1, description="handshakes in progress from one source address")
     handshake_timeout: float = Field(5.0, gt=0, description="seconds for a new connection's Noise + yamux handshake")
-    max_streams_per_connection: int = Field(512, ge=1, description="streams a peer may hold open on one connection")
+    max_streams_per_connection: int = Field(
+        4096, ge=1, description="streams a peer may hold open on one connection (all tunnels of a peer pair share it)"
+    )
     max_stream_window: int = Field(16 * 1024 * 1024, ge=256 * 1024, description="largest receive window of a stream")
     window_growth_per_connection: int = Field(
         64 * 1024 * 1024, ge=0, description="receive-window growth beyond 256 KiB, all streams of a connection"

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import struct
 import time
 import weakref
@@ -81,7 +82,7 @@ class MuxerLimits:
     """Per-connection bounds; the defaults suit a relay and a serving node alike."""
 
     #: Streams the peer may have open on one connection at once (ours are capped separately).
-    max_inbound_streams: int = 512
+    max_inbound_streams: int = 4096
     #: Ceiling of one stream's autotuned receive window (upstream's MAX_WINDOW_SIZE).
     max_window: int = upstream.MAX_WINDOW_SIZE
     #: Receive-window growth beyond 256 KiB per stream, all streams of one connection together.
@@ -562,6 +563,10 @@ def install(host: IHost, limits: MuxerLimits) -> None:
     transport, so this covers all three. Also sets the process's buffer guard
     limit (one node per process in production; tests share the last value).
     """
+    if "peerup-session" in os.environ.get("PEERUP_FASTPATH_SKIP", "").split(","):
+        # Benchmarks only (python -m benchmarks.ab): upstream's session, for a same-run comparison.
+        log.warning("PEERUP_FASTPATH_SKIP=peerup-session: upstream yamux, no enforced windows or limits")
+        return
     muxers = host.get_network().upgrader.muxer_multistream  # type: ignore[attr-defined]
     GUARD.limit = limits.max_buffered
 
