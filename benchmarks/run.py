@@ -1131,9 +1131,11 @@ def _measured_elsewhere() -> str:
     if churn_file.exists():
         from benchmarks.churn import summary as churn_summary
 
-        text += "\n### Connection churn (`python -m benchmarks.churn`)\n\n" + churn_summary(
-            json.loads(churn_file.read_text())
-        ) + "\n"
+        text += (
+            "\n### Connection churn (`python -m benchmarks.churn`)\n\n"
+            + churn_summary(json.loads(churn_file.read_text()))
+            + "\n"
+        )
     return text
 
 

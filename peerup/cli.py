@@ -399,7 +399,6 @@ async def _run(settings: Settings, services: bool, proxies: list[ProxySettings])
 async def _ping(settings: Settings, peer: str, count: int, interval: float) -> int:
     runtime = Runtime(settings, _plugins(settings))
     async with runtime.node() as node:
-
         last: list[str] = []
 
         def reply(seq: int, rtt: float | None, path: str) -> None:

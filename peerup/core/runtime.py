@@ -35,6 +35,7 @@ from peerup.core.errors import (
     ProtocolNotSupported,
     ServiceError,
 )
+from peerup.core.logs import OncePer
 from peerup.core.node import Node, PeerAttribute, PeerRecord
 from peerup.core.plugins import PluginHost
 from peerup.core.retry import RetryPolicy, call_with_retry
@@ -46,8 +47,6 @@ log = logging.getLogger("peerup.runtime")
 #: Echo protocol every peerup node answers; ``peerup ping`` measures round trips on it.
 PING_PROTOCOL = "/peerup/ping/1.0.0"
 PING_SIZE = 32
-#: A repeated refusal (same peer, same reason) is logged at most this often, in seconds.
-LOG_EVERY = 60.0
 
 
 def short(peer_id: str) -> str:
@@ -96,7 +95,7 @@ class Runtime:
         self._connecting: dict[str, anyio.Lock] = {}
         #: Open tunnels served to each peer, so revoking a peer can close them.
         self._serving: dict[str, list[tuple[ServiceSettings, anyio.CancelScope]]] = {}
-        self._last_logged: dict[tuple[str, str], float] = {}
+        self._refusals = OncePer(log)
         self._open_tunnels = 0
         self._idle = anyio.Event()
         self._idle.set()
@@ -229,18 +228,14 @@ class Runtime:
             try:
                 with anyio.fail_after(timeout):
                     raw, record = await self._dial(node, peer_id, PING_PROTOCOL)
-            except TimeoutError:
-                if stats is None:
-                    raise PeerTimeout(f"peer {short(peer_id)}: timed out after {timeout:g} s") from None
-                stats.rtts.append(None)
-                on_reply(seq, None, stats.path)
-                continue
             except ProtocolNotSupported as exc:
                 raise PeerUnreachable(f"peer {short(peer_id)} does not answer peerup pings: {exc}") from exc
-            except (PeerNotFound, PeerUnreachable):
-                if stats is None:
+            except (TimeoutError, PeerNotFound, PeerUnreachable) as exc:
+                if stats is None:  # the first one decides whether there is anyone to ping at all
+                    if isinstance(exc, TimeoutError):
+                        raise PeerTimeout(f"peer {short(peer_id)}: timed out after {timeout:g} s") from None
                     raise
-                stats.rtts.append(None)
+                stats.rtts.append(None)  # later ones are a lost reply
                 on_reply(seq, None, stats.path)
                 continue
             path = raw.extra(PeerAttribute.path, "unknown")
@@ -312,12 +307,7 @@ class Runtime:
 
     def _note(self, key: tuple[str, str], message: str) -> None:
         """Log a refusal once a minute per (peer, reason): a flood must not flood the log."""
-        now = anyio.current_time()
-        if now - self._last_logged.get(key, -LOG_EVERY) >= LOG_EVERY:
-            self._last_logged[key] = now
-            log.warning("%s", message)
-        else:
-            log.debug("%s", message)
+        self._refusals.warning(key, "%s", message)
 
     async def _serve_stream(self, service: ServiceSettings, stream: ByteStream, remote_peer: str) -> None:
         """An inbound service stream: check the peer, dial the local service, answer, then proxy.

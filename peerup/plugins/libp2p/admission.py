@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,10 +43,10 @@ import trio
 from libp2p.abc import IHost
 from libp2p.network.connection.raw_connection import RawConnection
 
+from peerup.core.logs import OncePer
+
 log = logging.getLogger("peerup.libp2p.admission")
 
-#: A refusal for the same source and reason is logged at most this often.
-LOG_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -86,22 +85,14 @@ class InboundGate:
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._pending_by_ip: Counter[str] = Counter()
         self._ids = itertools.count()
-        self._last_logged: dict[tuple[str, str], float] = {}
+        self._logs = OncePer(log)
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     def _note(self, ip: str, reason: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        key = (ip, reason)
-        if now - self._last_logged.get(key, -LOG_EVERY) >= LOG_EVERY:
-            if len(self._last_logged) > 10_000:
-                self._last_logged.clear()
-            self._last_logged[key] = now
-            log.warning(message, *args)
-        else:
-            log.debug(message, *args)
+        self._logs.warning((ip, reason), message, *args)
 
     async def handle(self, read_write_closer: Any, maddr: Any) -> None:
         """Admit, upgrade within the deadline, then hold the task until this connection closes."""

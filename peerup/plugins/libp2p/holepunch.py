@@ -101,6 +101,14 @@ def is_relayed(conn: INetConn) -> bool:
         return False
 
 
+def direct_connection(host: IHost, peer: ID) -> INetConn | None:
+    """An open, non-relayed connection to ``peer``, if there is one."""
+    for conn in host.get_network().get_connections(peer):
+        if not conn.is_closed and not is_relayed(conn):
+            return conn
+    return None
+
+
 def is_inbound(conn: INetConn) -> bool:
     direction = getattr(conn, "direction", None)
     return str(getattr(direction, "name", direction)).lower() == "inbound"
@@ -152,8 +160,9 @@ class HolePuncher:
                 addr = multiaddr.Multiaddr(item)
             except Exception:  # noqa: BLE001 - a peer's garbage address is skipped, not fatal
                 continue
-            if thin_waist(addr) is not None and "/p2p-circuit" not in str(addr):
-                out.append(multiaddr.Multiaddr(thin_waist(addr)))
+            waist = thin_waist(addr)
+            if waist is not None and "/p2p-circuit" not in str(addr):
+                out.append(multiaddr.Multiaddr(waist))
         return out
 
     def _source(self) -> tuple[str, int] | None:
@@ -163,10 +172,7 @@ class HolePuncher:
     # -- connection state -----------------------------------------------------------
 
     def direct_conn(self, peer: ID) -> INetConn | None:
-        for conn in self.host.get_network().get_connections(peer):
-            if not is_relayed(conn) and not conn.is_closed:
-                return conn
-        return None
+        return direct_connection(self.host, peer)
 
     # -- A: the peer that dialed through the relay ----------------------------------
 
@@ -387,4 +393,4 @@ class PathUpgrader(INotifee):
                     del idle_since[key]
 
 
-__all__ = ["PROTOCOL", "HolePuncher", "PathUpgrader", "PunchResult", "is_relayed"]
+__all__ = ["PROTOCOL", "HolePuncher", "PathUpgrader", "PunchResult", "direct_connection", "is_relayed"]

@@ -77,13 +77,24 @@ async def close_dead(conn: INetConn, why: str, timeout: float) -> None:
         await conn.close()
 
 
+async def close_if_silent(host: IHost, conn: INetConn, timeout: float, why: str) -> bool:
+    """Probe ``conn``; close it (see :func:`close_dead`) if it does not answer within ``timeout``.
+
+    The one liveness rule shared by keepalive, the relay keeper and stream
+    opening (node.py). Returns True when this call closed the connection.
+    """
+    if conn.is_closed or await connection_answers(host, conn, timeout) or conn.is_closed:
+        return False
+    await close_dead(conn, why, timeout)
+    return True
+
+
 async def keep_alive(host: IHost, interval: float, timeout: float) -> None:
     """Forever: probe every open connection each ``interval``; close those that do not answer."""
     network = host.get_network()
 
     async def check(conn: INetConn) -> None:
-        if not await connection_answers(host, conn, timeout) and not conn.is_closed:
-            await close_dead(conn, f"did not answer a keepalive ping within {timeout:g} s", timeout)
+        await close_if_silent(host, conn, timeout, f"did not answer a keepalive ping within {timeout:g} s")
 
     while True:
         await trio.sleep(interval)

@@ -47,10 +47,8 @@ import contextlib
 import logging
 import os
 import struct
-import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 from libp2p.abc import IHost, ISecureConn
@@ -59,6 +57,8 @@ from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError, MuxedStreamReset
 from libp2p.stream_muxer.yamux import yamux as upstream
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+
+from peerup.core.logs import OncePer
 
 log = logging.getLogger("peerup.libp2p.muxer")
 
@@ -73,8 +73,6 @@ TYPE_DATA, TYPE_WINDOW_UPDATE, TYPE_PING, TYPE_GO_AWAY = (
 )
 FLAG_SYN, FLAG_ACK, FLAG_FIN, FLAG_RST = upstream.FLAG_SYN, upstream.FLAG_ACK, upstream.FLAG_FIN, upstream.FLAG_RST
 GO_AWAY_PROTOCOL_ERROR = upstream.GO_AWAY_PROTOCOL_ERROR
-#: A peer's misbehaviour is logged at most once per this many seconds per peer.
-LOG_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -95,24 +93,8 @@ class _ProtocolError(Exception):
     """The peer broke the yamux protocol; the connection is closed with GO_AWAY."""
 
 
-class _RateLimitedLog:
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, str], float] = {}
-
-    def warning(self, peer: ID, kind: str, message: str, *args: Any) -> None:
-        key = (str(peer), kind)
-        now = time.monotonic()
-        if now - self._last.get(key, -LOG_EVERY) >= LOG_EVERY:
-            self._last[key] = now
-            if len(self._last) > 10_000:  # bounded: forget the oldest half
-                for old in sorted(self._last, key=self._last.__getitem__)[:5000]:
-                    del self._last[old]
-            log.warning(message, *args)
-        else:
-            log.debug(message, *args)
-
-
-_log = _RateLimitedLog()
+#: A peer's misbehaviour is logged at WARNING once a minute per peer and kind.
+_log = OncePer(log)
 
 
 class BufferGuard:
@@ -368,7 +350,7 @@ class Session(Yamux):
                 else:
                     raise _ProtocolError(f"unknown frame type {typ}")
         except _ProtocolError as exc:
-            _log.warning(self.peer_id, "protocol", "yamux: closing the connection to %s: %s", self.peer_id, exc)
+            _log.warning((self.peer_id, "protocol"), "yamux: closing the connection to %s: %s", self.peer_id, exc)
             with trio.move_on_after(1):
                 with contextlib.suppress(Exception):
                     await self._write_frame(_HEADER.pack(0, TYPE_GO_AWAY, 0, 0, GO_AWAY_PROTOCOL_ERROR))
@@ -410,8 +392,7 @@ class Session(Yamux):
                     self._inbound &= self.streams.keys()
                 if len(self._inbound) >= self.limits.max_inbound_streams:
                     _log.warning(
-                        self.peer_id,
-                        "streams",
+                        (self.peer_id, "streams"),
                         "yamux: %s opened more than %d streams on one connection; refusing the excess",
                         self.peer_id,
                         self.limits.max_inbound_streams,

@@ -13,10 +13,12 @@ All libp2p quirks this needs are in :mod:`.workarounds`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
+import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -42,9 +44,9 @@ from peerup.core.settings import Settings
 from peerup.plugins.libp2p import admission, muxer, portmap, relay_limit, transports, workarounds
 from peerup.plugins.libp2p.addresses import AddressBook, DialBackService, confirm, watch_observations
 from peerup.plugins.libp2p.admission import AdmissionLimits, InboundGate
-from peerup.plugins.libp2p.holepunch import HolePuncher, PathUpgrader, is_relayed
+from peerup.plugins.libp2p.holepunch import HolePuncher, PathUpgrader, direct_connection
 from peerup.plugins.libp2p.identity import load_identity
-from peerup.plugins.libp2p.keepalive import close_dead, connection_answers, keep_alive
+from peerup.plugins.libp2p.keepalive import close_if_silent, keep_alive
 from peerup.plugins.libp2p.muxer import MuxerLimits
 from peerup.plugins.libp2p.relay_policy import RelayPolicy, apply_relay_policy, parse_allow
 from peerup.plugins.libp2p.stream import Libp2pByteStream, stream_path
@@ -276,12 +278,6 @@ class Libp2pNode:
         log.info("stream %s to %s is %s", protocol, peer_id, stream.extra(PeerAttribute.path))
         return stream
 
-    def direct_conn(self, peer: ID) -> Any:
-        for conn in self.host.get_network().get_connections(peer):
-            if not conn.is_closed and not is_relayed(conn):
-                return conn
-        return None
-
     async def _new_stream(self, peer: ID, protocol: str) -> INetStream:
         """``host.new_stream``, watched: a direct connection that stays silent is probed and closed.
 
@@ -293,7 +289,7 @@ class Libp2pNode:
         no answer within ``DIRECT_PROBE_TIMEOUT`` s closes it, and the caller
         falls back to the relay.
         """
-        conn = self.direct_conn(peer)
+        conn = direct_connection(self.host, peer)
         if conn is None or not self.relays:
             return await self.host.new_stream(peer, [TProtocol(protocol)])
         dead = False
@@ -301,10 +297,10 @@ class Libp2pNode:
         async def watch(scope: trio.CancelScope) -> None:
             nonlocal dead
             await trio.sleep(DIRECT_STREAM_PROBE_AFTER)
-            if not await connection_answers(self.host, conn, DIRECT_PROBE_TIMEOUT):
+            why = "did not answer while a stream was opening (path lost?)"
+            if await close_if_silent(self.host, conn, DIRECT_PROBE_TIMEOUT, why):
                 dead = True
                 scope.cancel()
-                await close_dead(conn, "did not answer while a stream was opening (path lost?)", 2.0)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch, nursery.cancel_scope)
@@ -397,10 +393,9 @@ class Libp2pNode:
         either way the node learns within seconds instead of waiting for the
         relay's keepalive, and reserves again.
         """
+        why = f"(our relay) did not answer within {RELAY_PROBE_TIMEOUT:g} s"
         for conn in list(self.host.get_network().get_connections(relay.peer_id)):
-            alive = conn.is_closed or await connection_answers(self.host, conn, RELAY_PROBE_TIMEOUT)
-            if not alive and not conn.is_closed:
-                await close_dead(conn, f"(our relay) did not answer within {RELAY_PROBE_TIMEOUT:g} s", 2.0)
+            await close_if_silent(self.host, conn, RELAY_PROBE_TIMEOUT, why)
 
     async def _reserve(self, relay: RelayState) -> None:
         if not self.is_connected(relay.peer_id):
@@ -512,6 +507,46 @@ def _relay_states(settings: Settings) -> list[RelayState]:
     return states
 
 
+def _checked_listen_addrs(
+    listen: list[str], where: str, role: str, enabled: Sequence[str]
+) -> list[multiaddr.Multiaddr]:
+    """The listen addresses, checked before the host exists, so a bad one is one line and nothing starts.
+
+    Only /ip4 or /ip6 + /tcp (+ /ws when enabled): anything else has no
+    transport here (Swarm.listen skips it, network/swarm.py:1834, and host.run
+    ignores the result, host/basic_host.py:591: the node ran listening on
+    nothing), and /dns listen addresses bind every interface (tcp.py:256,
+    extract_ip_from_multiaddr gives no host for them). A fixed port that
+    something already listens on is refused: libp2p binds with SO_REUSEPORT
+    (transport/tcp/tcp.py:44-62), so a second relay on the port would start and
+    the kernel would split connections between the two. The probe binds without
+    SO_REUSEPORT, which fails while any listener holds the port; SO_REUSEADDR
+    lets a restart reuse a port left in TIME_WAIT.
+    """
+    if role == "relay" and not listen:
+        raise ConfigError("relay.listen is empty: a relay needs an address, e.g. /ip4/0.0.0.0/tcp/7777")
+    checked = []
+    for text in listen:
+        try:
+            maddr = multiaddr.Multiaddr(text)
+            kinds = [proto.name for proto in maddr.protocols()]
+        except Exception as exc:
+            raise ConfigError(f"{where}: {text!r} is not a multiaddr (expected /ip4/ADDR/tcp/PORT)") from exc
+        transports.check_listen_addr(where, text, kinds, enabled)  # TCP, or /ws when enabled
+        port = int(maddr.value_for_protocol("tcp"))
+        with socket.socket(socket.AF_INET6 if kinds[0] == "ip6" else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((maddr.value_for_protocol(kinds[0]), port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    who = "relay" if role == "relay" else "node"
+                    raise ConfigError(f"{where}: port {port} is already in use (another peerup {who}?)") from exc
+                raise ConfigError(f"{where}: cannot listen on {text}: {exc.strerror or exc}") from exc
+        checked.append(maddr)
+    return checked
+
+
 @asynccontextmanager
 async def open_libp2p_node(
     settings: Settings, role: str, delays_factory: DelaysFactory | None = None
@@ -527,43 +562,8 @@ async def open_libp2p_node(
     key_pair = load_identity(settings.home)
     relays = _relay_states(settings) if role == "node" else []
     listen = settings.relay.listen if role == "relay" else settings.listen
-    # -- listen addresses: checked before the host exists, so a bad one is one line
-    # and nothing starts. Only /ip4 or /ip6 + /tcp (+ /ws when enabled): anything
-    # else has no transport here (Swarm.listen skips it, network/swarm.py:1834, and
-    # host.run ignores the result, host/basic_host.py:591: the node ran listening on
-    # nothing), and /dns listen addresses bind every interface (tcp.py:256,
-    # extract_ip_from_multiaddr gives no host for them).
-    # A fixed port that something already listens on is refused: libp2p binds
-    # with SO_REUSEPORT (transport/tcp/tcp.py:44-62), so a second relay on the
-    # port would start and the kernel would split connections between the two.
-    # The probe binds without SO_REUSEPORT, which fails while any listener holds
-    # the port; SO_REUSEADDR lets a restart reuse a port left in TIME_WAIT.
-    import errno  # (local: this block is the listen check, kept in one place)
-    import socket
-
     where = "relay.listen" if role == "relay" else "listen"
-    if role == "relay" and not listen:
-        raise ConfigError("relay.listen is empty: a relay needs an address, e.g. /ip4/0.0.0.0/tcp/7777")
-    listen_addrs = []
-    for text in listen:
-        try:
-            maddr = multiaddr.Multiaddr(text)
-            kinds = [proto.name for proto in maddr.protocols()]
-        except Exception as exc:
-            raise ConfigError(f"{where}: {text!r} is not a multiaddr (expected /ip4/ADDR/tcp/PORT)") from exc
-        transports.check_listen_addr(where, text, kinds, settings.transports)  # TCP, or /ws when enabled
-        port = int(maddr.value_for_protocol("tcp"))
-        with socket.socket(socket.AF_INET6 if kinds[0] == "ip6" else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((maddr.value_for_protocol(kinds[0]), port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    who = "relay" if role == "relay" else "node"
-                    raise ConfigError(f"{where}: port {port} is already in use (another peerup {who}?)") from exc
-                raise ConfigError(f"{where}: cannot listen on {text}: {exc.strerror or exc}") from exc
-        listen_addrs.append(maddr)
-    # -- end of the listen check
+    listen_addrs = _checked_listen_addrs(listen, where, role, settings.transports)
     limits = settings.limits
     host = new_host(
         key_pair=key_pair,
@@ -622,8 +622,6 @@ async def open_libp2p_node(
                 trio.open_nursery() as nursery,
             ):
                 _start_nat(node, settings, nursery, delays_factory or settings_delays(settings))
-                if role == "node" and settings.nat.port_mapping:  # issue #12.4: NAT-PMP / UPnP IGD
-                    nursery.start_soon(portmap.map_listen_ports, host.get_transport_addrs(), node.addresses.set_mapped)
                 for relay in relays:
                     nursery.start_soon(node.keep_relay, relay, delays_factory or settings_delays(settings))
                 if settings.timeouts.keepalive is not None:
@@ -647,7 +645,11 @@ def _start_nat(node: Libp2pNode, settings: Settings, nursery: trio.Nursery, dela
     """Address discovery, dial-back confirmation and hole punching for a node (docs/nat.md)."""
     ports = [addr.value_for_protocol("tcp") for addr in node.host.get_transport_addrs() if "/tcp/" in str(addr)]
     node.addresses.listen_port = int(ports[0]) if ports else None
-    if node.role != "node" or not node.relays:
+    if node.role != "node":
+        return
+    if settings.nat.port_mapping:  # also without relays: a mapped port is how such a node is reached
+        nursery.start_soon(portmap.map_listen_ports, node.host.get_transport_addrs(), node.addresses.set_mapped)
+    if not node.relays:
         return
     if settings.nat.address_discovery:
         watch_observations(node.host, node.addresses)

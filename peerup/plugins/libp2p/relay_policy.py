@@ -19,7 +19,7 @@ The same wrappers fix and report what upstream does on its own:
 * **Refusals for limits are logged and counted.** Upstream refuses a RESERVE
   when the relay is full (:523-530) and a CONNECT when a peer is at its
   circuit limit (:646-668) with a debug line at most; an operator saw nothing.
-  Each refusal here is one WARNING per peer and reason per :data:`LOG_EVERY`,
+  Each refusal here is one WARNING per peer and reason a minute (:class:`peerup.core.logs.OncePer`),
   and counted in :class:`RelayPolicy`. A destination at its circuit limit is
   answered RESOURCE_LIMIT_EXCEEDED; upstream said NO_RESERVATION, which a
   client reads as "that peer is not on this relay".
@@ -30,7 +30,6 @@ The peer checked is always the authenticated peer of the connection.
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -43,13 +42,10 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
 from peerup.core.errors import ConfigError
+from peerup.core.logs import OncePer
 
 log = logging.getLogger("peerup.relay")
 
-#: A refused peer is logged once per this many seconds, whatever it sends.
-LOG_EVERY = 60.0
-#: Forget when peers were last logged past this many entries (peer IDs cost an attacker nothing).
-_MAX_LOGGED = 10_000
 
 Handler = Callable[[INetStream, Any], Awaitable[None]]
 
@@ -63,22 +59,17 @@ class RelayPolicy:
     refused: int = 0
     #: Refusals by reason: "allow", "reservations", "circuits", "peer-circuits".
     refusals: Counter[str] = field(default_factory=Counter)
-    _last_logged: dict[tuple[ID, str], float] = field(default_factory=dict)
+    _logs: OncePer = field(default_factory=lambda: OncePer(log))
 
     def note(self, peer: ID, what: str, reason: str = "allow") -> None:
-        """Count a refusal of ``peer`` and log it (once per peer and refusal per LOG_EVERY)."""
+        """Count a refusal of ``peer`` and log it (once per peer and refusal a minute)."""
         self.refused += 1
         self.refusals[reason] += 1
         self.warn_once(peer, what, "relay refused %s: %s", peer, what)
 
     def warn_once(self, peer: ID, key: str, message: str, *args: object) -> None:
-        """A WARNING, unless one with the same peer and key was logged in the last LOG_EVERY seconds."""
-        now = time.monotonic()
-        if now - self._last_logged.get((peer, key), -LOG_EVERY) >= LOG_EVERY:
-            if len(self._last_logged) >= _MAX_LOGGED:
-                self._last_logged.clear()
-            self._last_logged[(peer, key)] = now
-            log.warning(message, *args)
+        """A WARNING, unless one with the same peer and key went out in the last minute (then DEBUG)."""
+        self._logs.warning((peer, key), message, *args)
 
     def allows(self, peer: ID) -> bool:
         return self.allow is None or peer in self.allow
