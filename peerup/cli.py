@@ -239,13 +239,7 @@ def _check_peer(settings: Settings, text: str) -> None:
         return
     from peerup.plugins.libp2p.node import parse_peer_id
 
-    try:
-        parse_peer_id(settings.resolve_peer(text))
-    except ValueError as exc:
-        if text in settings.peers:
-            raise ConfigError(f"peer {text!r} in [peers]: {exc}") from exc
-        known = ", ".join(sorted(settings.peers)) or "none configured"
-        raise ConfigError(f"peer {text!r} is neither a name in [peers] ({known}) nor a valid peer ID: {exc}") from exc
+    settings.peer_id(text, parse_peer_id)
 
 
 def _setup_logging(settings: Settings | None, verbose: int, explicit: str | None) -> None:
@@ -303,11 +297,7 @@ def cmd_auth(args: argparse.Namespace, settings: Settings) -> int:
         if not keys.entries:
             print(f"no authorized peers in {path}", file=sys.stderr)
         return 0
-    text = settings.resolve_peer(args.peer)
-    try:
-        peer_id = parse_peer_id(text)
-    except ValueError as exc:
-        raise ConfigError(f"{args.peer!r} is neither a name in [peers] nor a valid peer ID: {exc}") from exc
+    peer_id = settings.peer_id(args.peer, parse_peer_id)
     if args.auth_command == "add":
         if auth.add(path, peer_id, args.comment, parse_peer_id):
             _out(f"authorized {peer_id}")

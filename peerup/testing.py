@@ -34,7 +34,7 @@ FAST_RETRY = {"retries": 3, "initial": 0.2, "multiplier": 2.0, "max_delay": 1.0}
 #: (a dial-back confirms 127.0.0.1:PORT, hole punching upgrades relayed connections).
 RELAYED_ONLY = {"hole_punching": False, "address_discovery": False, "port_mapping": False}
 #: The same as config.toml lines, for a peerup home a CLI test starts a process in.
-RELAYED_ONLY_TOML = "[nat]\nhole_punching = false\naddress_discovery = false\nport_mapping = false\n"
+RELAYED_ONLY_TOML = "[nat]\n" + "".join(f"{key} = {str(value).lower()}\n" for key, value in RELAYED_ONLY.items())
 
 
 def make_settings(home: Path, **values: Any) -> Settings:

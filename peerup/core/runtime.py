@@ -117,14 +117,7 @@ class Runtime:
 
     def peer_id(self, node: Node, text: str) -> str:
         """A friendly name or a peer ID, validated; bad input is one line."""
-        resolved = self.settings.resolve_peer(text)
-        try:
-            return node.parse_peer_id(resolved)
-        except ValueError as exc:
-            known = ", ".join(sorted(self.settings.peers)) or "none configured"
-            raise ConfigError(
-                f"peer {text!r} is neither a name in [peers] ({known}) nor a valid peer ID: {exc}"
-            ) from exc
+        return self.settings.peer_id(text, node.parse_peer_id)
 
     async def connect_to_peer(self, node: Node, peer_id: str) -> PeerRecord:
         """The seed's ConnectToPeer: discovery before every proxy connection and ping."""

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_origin
 
@@ -262,6 +263,21 @@ class Settings(BaseSettings):
     def resolve_peer(self, name_or_id: str) -> str:
         """A friendly name from ``[peers]``, else the text itself (validated by the node)."""
         return self.peers.get(name_or_id, name_or_id)
+
+    def peer_id(self, text: str, parse: Callable[[str], str]) -> str:
+        """``text`` as a peer ID: a ``[peers]`` name or an ID, checked by the transport's ``parse``.
+
+        One :class:`ConfigError` line otherwise, the same whether the CLI checks
+        before starting a node or the runtime once it runs.
+        """
+        try:
+            return parse(self.resolve_peer(text))
+        except ValueError as exc:
+            if text in self.peers:
+                raise ConfigError(f"peer {text!r} in [peers]: {exc}") from exc
+            known = ", ".join(sorted(self.peers)) or "none configured"
+            message = f"peer {text!r} is neither a name in [peers] ({known}) nor a valid peer ID: {exc}"
+            raise ConfigError(message) from exc
 
 
 # The TOML source needs the path before the model exists; load_settings sets it.
