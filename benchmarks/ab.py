@@ -4,7 +4,7 @@
     python -m benchmarks.ab --rounds 3 --mib 128
 
 Each variant starts the whole set of processes (``benchmarks.run``'s set-up) with
-``PEERUP_FASTPATH_SKIP`` naming the patches of ``peerup/plugins/libp2p/fastpath.py``
+``PEERUP_FASTPATH_SKIP`` naming the patches of ``peerup/plugins/libp2p/patches.py``
 to leave out, then measures the warm first byte (p50 of 15) and one bulk transfer
 on the four libp2p paths. Variants alternate round by round, so a busy neighbour
 slows all of them alike. Writes ``benchmarks/results/ab.json``, which the next full
@@ -32,8 +32,8 @@ from benchmarks import run  # noqa: E402
 
 #: label -> PEERUP_FASTPATH_SKIP value.
 VARIANTS = {
-    "no fast path": "noise-read,noise-write,yamux-write,yamux-conn,yamux-buffers,yamux-open,yamux-credit,multiselect",
-    "fast path 1-3 (before)": "yamux-conn,yamux-buffers,yamux-open,yamux-credit,multiselect",
+    "no fast path": "noise-read,noise-write,yamux-write,yamux-conn,yamux-buffers,yamux-credit,multiselect",
+    "fast path 1-3 (before)": "yamux-conn,yamux-buffers,yamux-credit,multiselect",
     "fast path 1-7 (now)": "",
     # peerup's yamux session (peerup/plugins/libp2p/muxer.py: enforced windows, limits,
     # honest resets) against upstream's, everything else equal.

@@ -2,9 +2,8 @@
 
     python -m benchmarks.static_peer PEER_MULTIADDR -- <peerup arguments>
 
-A node with relays configured advertises only its circuit address (pitfall 6/7
-in LIBP2P-NOTES.md), so the direct path cannot be found through discovery on
-one machine. This launcher registers a ``discover_peer`` implementation that
+The benchmarks pin the path a tunnel takes instead of leaving it to what
+discovery and hole punching decide on one machine. This launcher registers a ``discover_peer`` implementation that
 answers with the given ``/ip4/.../tcp/.../p2p/ID`` for that peer; it is asked
 before the built-in one, the way any ``--plugin`` discovery plugin would be.
 Everything else is the real ``peerup`` command.

@@ -13,13 +13,15 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
 from pydantic import ValidationError
 
-from peerup import __version__
+from peerup import __version__, pairing_commands
+from peerup.core import names, pairing
 from peerup.core.errors import ConfigError, PeerupError
 from peerup.core.plugins import PluginHost, describe_plugins, load_plugins
 from peerup.core.runtime import Runtime, short, stop_on_signals
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     ping.add_argument(
         "--interval", type=_positive_float, default=1.0, metavar="S", help="seconds between pings (default 1)"
     )
+    ping.add_argument("--json", action="store_true", help="print one JSON object at the end (docs/operations.md)")
     _common(ping)
 
     run = sub.add_parser("run", help="run a whole node from settings: services and proxies")
@@ -151,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     auth_add = auth_sub.add_parser("add", help="authorize a peer (takes effect on a running node)")
     auth_add.add_argument("peer", help="peer ID, or a name from [peers]")
     auth_add.add_argument("--comment", default="", help="a note kept after the ID, e.g. the machine's name")
+    auth_add.add_argument("--expires", metavar="WHEN", help="refuse the peer from then on: 7d, 12h, or 2026-12-31")
     auth_sub.add_parser("list", help="list authorized peers")
     auth_remove = auth_sub.add_parser("remove", help="revoke a peer (a running node also closes its open tunnels)")
     auth_remove.add_argument("peer", help="peer ID, or a name from [peers]")
@@ -160,9 +164,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="inspect settings")
     config_sub = config.add_subparsers(dest="config_command", metavar="COMMAND", parser_class=_Parser)
-    config_sub.add_parser("show", help="print the resolved settings as TOML")
+    show = config_sub.add_parser(
+        "show", help="print the resolved settings as TOML, with each active plugin's [plugin.NAME] and its defaults"
+    )
+    _common(show, node=False)
     config_sub.add_parser("path", help="print the config file path")
+    validate = config_sub.add_parser("validate", help="check a config file; list every error with its key")
+    validate.add_argument("file", nargs="?", type=Path, help="the file to check (default: HOME/config.toml)")
+    _daemon_commands(sub)
+    pairing_commands.add_parsers(sub, _common)
     return parser
+
+
+#: Commands that only talk to a running daemon: they work while config.toml is being fixed.
+_ASKS_DAEMON = {"status", "peers", "tunnels", "connect", "disconnect"}
+
+
+def _daemon_commands(sub: Any) -> None:
+    """``peerup daemon`` and the commands that ask a running one (docs/operations.md)."""
+    daemon = sub.add_parser("daemon", help="run this node as a service: config, [tunnels], control API, reload")
+    _common(daemon)
+    for name, text in (
+        ("status", "this node: peer ID, addresses, relay slots, reachability, uptime"),
+        ("peers", "connected peers: path, round trip, since when"),
+        ("tunnels", "open tunnels and connections: bytes each way, age"),
+    ):
+        command = sub.add_parser(name, help=f"{text} (asks the daemon)")
+        command.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    connect = sub.add_parser("connect", help="open a tunnel in the running daemon: LOCAL_PORT -> SERVICE on PEER")
+    connect.add_argument("peer", help="peer ID or a name from [peers]")
+    connect.add_argument("service", help="service name on that peer")
+    connect.add_argument("port", type=_port, metavar="LOCAL_PORT", help="local port; 0 picks a free one")
+    connect.add_argument("--bind", default="127.0.0.1", metavar="ADDR", help="local address (default 127.0.0.1)")
+    connect.add_argument("--json", action="store_true", help="print the new tunnel as JSON")
+    disconnect = sub.add_parser("disconnect", help="close a tunnel or connection of the running daemon by ID")
+    disconnect.add_argument("id", help="an ID from `peerup tunnels`")
+    service = sub.add_parser("service", help="edit [services] in the config; a running daemon picks it up")
+    service_sub = service.add_subparsers(dest="service_command", metavar="COMMAND", parser_class=_Parser)
+    add = service_sub.add_parser("add", help="expose (or change) a local service")
+    add.add_argument("name", help="service name (lowercase letters, digits, - and _)")
+    add.add_argument("address", metavar="HOST:PORT", help="where the local service listens")
+    add.add_argument("--allow", action="append", metavar="PEER", help="only these peers (repeatable)")
+    remove = service_sub.add_parser("remove", help="stop exposing a service (its open tunnels close)")
+    remove.add_argument("name")
+    service_sub.add_parser("list", help="list the services in the config")
 
 
 def _port(text: str) -> int:
@@ -231,15 +276,11 @@ def _check_peer(settings: Settings, text: str) -> None:
     """Refuse a peer that is neither a ``[peers]`` name nor a peer ID, before any node starts.
 
     The runtime checks it again once its node is up; checking here spares the
-    user seconds of libp2p start-up and its log lines before the one line that
-    matters. The check is libp2p's, so a deployment that replaced the libp2p
-    plugin leaves it to its own transport.
+    user seconds of node start-up and its log lines before the one line that
+    matters. Names and IDs are checked by the active plugins' ``resolve_name``
+    and ``parse_peer_id``, exactly as the runtime will.
     """
-    if "libp2p" in settings.disable_plugins:
-        return
-    from peerup.plugins.libp2p.node import parse_peer_id
-
-    settings.peer_id(text, parse_peer_id)
+    names.peer_id(_plugins(settings), settings, text)
 
 
 def _setup_logging(settings: Settings | None, verbose: int, explicit: str | None) -> None:
@@ -267,39 +308,36 @@ def _out(line: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
-    from peerup.plugins.libp2p.identity import create_identity
-
-    peer_id = create_identity(settings.home)
+    peer_id = _plugins(settings).identity(settings.home, "create")
     _out(f"created identity in {settings.home}")
     _out(peer_id)
     return 0
 
 
 def cmd_whoami(args: argparse.Namespace, settings: Settings) -> int:
-    from peerup.plugins.libp2p.identity import load_identity, peer_id_of
-
-    _out(peer_id_of(load_identity(settings.home)))
+    _out(_plugins(settings).identity(settings.home, "load"))
     return 0
 
 
 def cmd_auth(args: argparse.Namespace, settings: Settings) -> int:
     from peerup.core import auth
-    from peerup.plugins.libp2p.node import parse_peer_id
 
+    plugins = _plugins(settings)
+    parse_peer_id = partial(names.parse_peer_id, plugins)
     path = settings.authorized_keys_file
     if args.auth_command == "list":
         keys = auth.AuthorizedKeys(path, parse_peer_id)
         keys.refresh()  # logs each malformed line with its number
-        names = {peer_id: name for name, peer_id in settings.peers.items()}
+        labels = {peer_id: name for name, peer_id in settings.peers.items()}
         for entry in keys.entries:
-            label = f"  ({names[entry.peer_id]})" if entry.peer_id in names else ""
-            _out(f"{entry.peer_id}  {entry.comment}{label}".rstrip())
+            label = f"  ({labels[entry.peer_id]})" if entry.peer_id in labels else ""
+            _out(f"{entry.peer_id}  {entry.comment}{label}{pairing_commands.describe(entry)}".rstrip())
         if not keys.entries:
             print(f"no authorized peers in {path}", file=sys.stderr)
         return 0
-    peer_id = settings.peer_id(args.peer, parse_peer_id)
+    peer_id = names.peer_id(plugins, settings, args.peer)
     if args.auth_command == "add":
-        if auth.add(path, peer_id, args.comment, parse_peer_id):
+        if auth.add(path, peer_id, args.comment, parse_peer_id, pairing.parse_expiry(args.expires)):
             _out(f"authorized {peer_id}")
         else:
             _out(f"{peer_id} was already authorized")
@@ -318,8 +356,29 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
         _out(str(settings.config_file))
         return 0
     data = _drop_none(settings.model_dump(mode="json"))
+    plugins = _plugins(settings)
+    plugins.check_settings(settings)
+    for _name, model in plugins.declared_settings():  # every active plugin's section, defaults filled in
+        section = settings.plugin_settings(model).model_dump(mode="json")
+        data.setdefault("plugin", {})[model.section] = _drop_none(section)
     _out(f"# resolved: defaults < {settings.config_file} < PEERUP_* < flags; unset timeouts mean 'none'")
     sys.stdout.write(tomli_w.dumps(data))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Runs before settings are loaded: the point is to report a file that would not load."""
+    from peerup.core.settings import CONFIG_NAME, default_home
+    from peerup.core.validate import problems
+
+    path = args.file or (args.home or default_home()).expanduser() / CONFIG_NAME
+    found = problems(path)
+    for line in found:
+        print(f"{path}: {line}", file=sys.stderr)
+    if found:
+        print(f"peerup: error: {path}: {len(found)} error(s)", file=sys.stderr)
+        return 2
+    _out(f"{path}: valid")
     return 0
 
 
@@ -351,7 +410,9 @@ async def _relay(settings: Settings) -> None:
             _out(f"relay {node.peer_id} listening on:")
             for addr in node.listen_addrs():
                 _out(f"  {addr}")
-            await anyio.sleep_forever()
+            from peerup.daemon.relay import serve_relay_extras
+
+            await serve_relay_extras(runtime, node, _out)  # metrics, /healthz, sd_notify; until cancelled
 
 
 async def _run(settings: Settings, services: bool, proxies: list[ProxySettings]) -> None:
@@ -386,7 +447,9 @@ async def _run(settings: Settings, services: bool, proxies: list[ProxySettings])
         tunnels.cancel_scope.cancel()
 
 
-async def _ping(settings: Settings, peer: str, count: int, interval: float) -> int:
+async def _ping(settings: Settings, peer: str, count: int, interval: float, as_json: bool = False) -> int:
+    if as_json:
+        return await _ping_json(settings, peer, count, interval)
     runtime = Runtime(settings, _plugins(settings))
     async with runtime.node() as node:
         last: list[str] = []
@@ -406,6 +469,16 @@ async def _ping(settings: Settings, peer: str, count: int, interval: float) -> i
         return 0 if stats.received else 1
 
 
+async def _ping_json(settings: Settings, peer: str, count: int, interval: float) -> int:
+    import json
+
+    runtime = Runtime(settings, _plugins(settings))
+    async with runtime.node() as node:
+        stats = await runtime.ping(node, peer, count, interval)
+    _out(json.dumps(stats.as_json(peer)))
+    return 0 if stats.received else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -414,7 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _setup_logging(None, args.verbose, args.log_level)
     try:
-        settings = _settings(args)
+        if args.command == "config" and args.config_command == "validate":
+            return cmd_validate(args)
+        if args.command in _ASKS_DAEMON:
+            from peerup.daemon.commands import settings_for_client
+
+            settings = settings_for_client(args.home, lambda: _settings(args))
+        else:
+            settings = _settings(args)
         _setup_logging(settings, args.verbose, args.log_level)
         return _dispatch(parser, args, settings)
     except KeyboardInterrupt:
@@ -477,8 +557,18 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, setting
         return 0
     if command == "ping":
         _check_peer(settings, args.peer)
-        code: int = anyio.run(_ping, settings, args.peer, args.count, args.interval, backend="trio")
+        code: int = anyio.run(_ping, settings, args.peer, args.count, args.interval, args.json, backend="trio")
         return code
+    if command in pairing_commands.COMMANDS:
+        return pairing_commands.run(command, args, settings, _out)
+    if command in {"daemon", "status", "peers", "tunnels", "connect", "disconnect", "service"}:
+        from peerup.daemon import commands
+
+        if command == "service" and args.service_command is None:
+            parser.parse_args(["service", "--help"])
+        if command == "daemon":
+            return commands.daemon(settings, _plugins(settings), _flags(args), _out)
+        return commands.run(command, args, settings, _out)
     parser.error(f"unknown command {command!r}")
 
 

@@ -26,8 +26,8 @@ Two kinds of tools:
   never finish the handshake.
 
 Every loop is bounded by a count and a deadline, so a tool that meets a target
-which does not push back (today's py-libp2p 0.8.1, see /work/shared/LIBP2P-NOTES.md
-items 13, 14, 16) ends on its own. Needs trio (py-libp2p runs only on trio).
+which does not push back (py-libp2p 0.8.1 without peerup's session: see
+docs/security.md, "Limits on strangers") ends on its own. Needs trio (py-libp2p runs only on trio).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,7 @@ async def tcp_service(handler: Handler) -> AsyncIterator[str]:
     """A real TCP service on 127.0.0.1; yields ``host:port``."""
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    async with anyio.create_task_group() as tg:
+    async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, handler)
         try:
             yield f"127.0.0.1:{port}"
@@ -233,20 +233,21 @@ class Cable:
                 pass
 
     async def _handle(self, downstream: SocketStream) -> None:
-        if self._cut.is_set():
-            await anyio.sleep_forever()  # a black hole also swallows new connections
-        upstream = await anyio.connect_tcp(*self.target)
-        self.connections += 1
-        self._streams += [downstream, upstream]
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._pump, downstream, upstream)
-            tg.start_soon(self._pump, upstream, downstream)
-        # Both directions ended (not cut): close like a forwarder would.
-        if not self._cut.is_set():
-            await upstream.aclose()
-            await downstream.aclose()
-        else:
-            await anyio.sleep_forever()
+        # Every socket is closed when the cable is taken down (its task group
+        # cancelled), also those a cut keeps open until then.
+        async with downstream:
+            if self._cut.is_set():
+                await anyio.sleep_forever()  # a black hole also swallows new connections
+            upstream = await anyio.connect_tcp(*self.target)
+            async with upstream:
+                self.connections += 1
+                self._streams += [downstream, upstream]
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._pump, downstream, upstream)
+                    tg.start_soon(self._pump, upstream, downstream)
+                # Both directions ended (not cut): close like a forwarder would.
+                if self._cut.is_set():
+                    await anyio.sleep_forever()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         self._scopes: list[anyio.CancelScope] = []
@@ -316,10 +317,14 @@ PEERUP_CMD = [sys.executable, "-m", "peerup"]
 
 
 def clean_env() -> dict[str, str]:
-    """This process's environment without PEERUP_* (a developer's shell must not leak in)."""
+    """This process's environment without PEERUP_* (a developer's shell must not leak in).
+
+    ``PEERUP_PATCHES_OFF`` stays: tests/test_libp2p_patches.py switches a libp2p
+    patch off with it, in every process of the test it runs.
+    """
     import os
 
-    return {k: v for k, v in os.environ.items() if not k.startswith("PEERUP_")}
+    return {k: v for k, v in os.environ.items() if not k.startswith("PEERUP_") or k == "PEERUP_PATCHES_OFF"}
 
 
 class CliProc:
@@ -329,7 +334,9 @@ class CliProc:
     waits, bounded, for a line; :meth:`stop` sends SIGTERM, then SIGKILL after 15 s.
     """
 
-    def __init__(self, name: str, args: list[str], prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self, name: str, args: list[str], prefix: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> None:
         import subprocess
         import threading
 
@@ -343,7 +350,7 @@ class CliProc:
             stdin=subprocess.DEVNULL,
             text=True,
             bufsize=1,
-            env=clean_env(),
+            env={**clean_env(), **(env or {})},
         )
         self._readers = [
             threading.Thread(target=self._collect, args=(stream, sink), daemon=True)
@@ -395,12 +402,23 @@ class CliProc:
         return self.popen.returncode
 
 
-def peerup_run(args: list[str], prefix: Sequence[str] = (), timeout: float = 60.0) -> Any:
-    """Run a short ``peerup`` command to completion (bounded); returns the CompletedProcess."""
+def peerup_run(
+    args: list[str], prefix: Sequence[str] = (), timeout: float = 60.0, env: Mapping[str, str] | None = None
+) -> Any:
+    """Run a short ``peerup`` command to completion (bounded); returns the CompletedProcess.
+
+    ``env`` adds to (or overrides) a copy of this process's environment without
+    ``PEERUP_*``, e.g. ``{"PEERUP_HOME": str(home), "PEERUP_PLUGIN__HELLO__DELAY": "-1"}``.
+    """
     import subprocess
 
     return subprocess.run(
-        [*prefix, *PEERUP_CMD, *args], capture_output=True, text=True, timeout=timeout, check=False, env=clean_env()
+        [*prefix, *PEERUP_CMD, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**clean_env(), **(env or {})},
     )
 
 

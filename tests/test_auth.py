@@ -144,8 +144,7 @@ async def test_revoking_a_peer_closes_its_open_tunnels(tmp_path: Path) -> None:
             # The open tunnel is closed by the serving side: alice reads the end of it.
             assert await read_all(stream) == b""
             await stream.aclose()
-            while server_rt.open_tunnels:
-                await anyio.sleep(0.05)
+            assert await server_rt.drain(20)
         tg.cancel_scope.cancel()
 
 
@@ -235,7 +234,7 @@ async def test_streams_per_peer_are_bounded(tmp_path: Path) -> None:
         ),
         serving_node(
             tmp_path, relay_addr, {"svc": addr}, authorized=[client.peer_id], auth={"max_streams_per_peer": 3}
-        ) as (_, server),
+        ) as (server_rt, server),
     ):
         with anyio.fail_after(30):
             held = [await rt.open_service_stream(client, server.peer_id, "svc") for _ in range(3)]
@@ -243,7 +242,8 @@ async def test_streams_per_peer_are_bounded(tmp_path: Path) -> None:
                 await rt.open_service_stream(client, server.peer_id, "svc")
             assert info.value.code == "busy"
             await held.pop().aclose()  # its tunnel ends, freeing one of the three slots
-            await anyio.sleep(0.3)
+            while server_rt.open_tunnels > 2:  # the serving side has seen it end (bounded by fail_after)
+                await anyio.sleep(0.01)
             held.append(await rt.open_service_stream(client, server.peer_id, "svc"))
             for stream in held:
                 await stream.aclose()

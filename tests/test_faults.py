@@ -23,6 +23,7 @@ from peerup.core.plugins import load_plugins
 from peerup.core.runtime import Runtime
 from peerup.core.settings import ServiceSettings
 from peerup.plugins.libp2p.node import Libp2pNode
+from peerup.pytest_fixtures import log_event
 from peerup.testing import (
     RELAYED_ONLY,
     Cable,
@@ -103,18 +104,21 @@ async def test_relay_restart_relayed_tunnel_recovers_and_direct_tunnel_keeps_wor
                 # A new relayed connection while the relay is down: retried, then through.
                 async with anyio.create_task_group() as tg:
                     result: list[bytes] = []
+                    done = anyio.Event()
 
                     async def connect() -> None:
                         result.append(await echo_roundtrip(relayed_port, b"after restart"))
+                        done.set()
 
                     started = anyio.current_time()
-                    tg.start_soon(connect)
-                    await anyio.sleep(1.0)
+                    with log_event("peerup.retry", "retrying in") as retried:
+                        tg.start_soon(connect)
+                        with anyio.fail_after(20):
+                            await retried.wait()  # an attempt failed: the relay is down
                     second = anyio.Event()
                     await relays.start(run_relay, tmp_path, listen, second)  # same port, same ID
                     with anyio.fail_after(20):
-                        while not result:
-                            await anyio.sleep(0.05)
+                        await done.wait()
                 recovered = anyio.current_time() - started
                 assert result == [b"after restart"]
                 assert retry_warnings(caplog), "recovery should go through the retry policy"
@@ -127,8 +131,7 @@ async def test_relay_restart_relayed_tunnel_recovers_and_direct_tunnel_keeps_wor
             second.set()
 
 
-async def test_serving_node_restart_is_found_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="peerup.retry")
+async def test_serving_node_restart_is_found_again(tmp_path: Path) -> None:
     async with (
         tcp_service(echo_handler) as addr,
         relay(tmp_path) as relay_addr,
@@ -175,16 +178,19 @@ async def test_serving_node_down_during_connect_is_reached_when_it_is_back(
                     assert await echo_roundtrip(port, b"first") == b"first"
         async with proxy_listener(runtime, client, server_id) as port, anyio.create_task_group() as tg:
             result: list[bytes] = []
+            done = anyio.Event()
 
             async def connect() -> None:
                 result.append(await echo_roundtrip(port, b"pending"))
+                done.set()
 
-            tg.start_soon(connect)
-            await anyio.sleep(1.0)  # attempts fail: the server is down
+            with log_event("peerup.retry", "retrying in") as retried:
+                tg.start_soon(connect)
+                with anyio.fail_after(20):
+                    await retried.wait()  # an attempt failed: the server is down
             async with serving_node(tmp_path, relay_addr, {"svc": addr}):
                 with anyio.fail_after(20):
-                    while not result:
-                        await anyio.sleep(0.05)
+                    await done.wait()
         assert result == [b"pending"]
         assert retry_warnings(caplog)
 

@@ -20,12 +20,6 @@ pytestmark = pytest.mark.anyio
 PROTOCOL = TProtocol("/peerup-test/fastpath/1.0.0")
 
 
-def test_fastpath_is_applied_with_the_plugin() -> None:
-    import peerup.plugins.libp2p.plugin  # noqa: F401 - applies the global workarounds
-
-    assert fastpath.applied()
-
-
 def _home(path: Path) -> Path:
     subprocess.run([sys.executable, "-m", "peerup", "--home", str(path), "init"], check=True, capture_output=True)
     return path

@@ -28,11 +28,6 @@ LOCAL = "/ip4/127.0.0.1/tcp/0"
 FAST_RETRY = {"initial": 0.1, "multiplier": 2.0, "max_delay": 0.5}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "trio"
-
-
 def relay_settings(home: Path, listen: str = LOCAL) -> Settings:
     if not (home / "identity.key").exists():
         create_identity(home)

@@ -285,6 +285,9 @@ def js_relay() -> Iterator[tuple[str, subprocess.Popen[str]]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 async def test_js_relay_limit_is_read_and_a_tunnel_beyond_it_is_reset(

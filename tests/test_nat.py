@@ -23,8 +23,7 @@ import pytest
 
 from peerup.natworld import PeerupWorld, Place
 from peerup.netlab import NetLab
-
-from conftest import netlab_or_skip
+from peerup.pytest_fixtures import netlab_or_skip
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 

@@ -12,14 +12,15 @@ import pytest
 from peerup.core import hookspecs
 from peerup.core.errors import PluginError
 from peerup.core.hookspecs import hookimpl
+from peerup.core.node import PeerRecord
 from peerup.core.plugins import PluginHost, describe_plugins, load_plugins
 from peerup.core.settings import Settings, load_settings
 from peerup.plugins.backoff import ExponentialBackoff
-
-from conftest import InstallPlugin
+from peerup.pytest_fixtures import InstallPlugin
 
 FIXED_RETRY = """
 from peerup.core.hookspecs import hookimpl
+from peerup.core.node import PeerRecord
 
 class Fixed:
     def delays(self):
@@ -37,7 +38,7 @@ raise RuntimeError("database of tricks missing")
 
 def test_builtins_are_registered_through_the_entry_point_group(home: Path) -> None:
     host = load_plugins()
-    assert set(host.plugin_names()) == {"libp2p", "backoff", "proxy"}
+    assert set(host.plugin_names()) == {"libp2p", "backoff", "proxy", "peers"}
     assert host.hooks_of("backoff") == ("retry_policy",)
     assert host.hooks_of("proxy") == ("proxy_stream",)
     assert {"open_node", "discover_peer", "dial"} <= set(host.hooks_of("libp2p"))
@@ -46,9 +47,10 @@ def test_builtins_are_registered_through_the_entry_point_group(home: Path) -> No
 def test_selected_plugin_replaces_a_builtin(home: Path, install_plugin: InstallPlugin) -> None:
     install_plugin("fixed-retry", "fixed_retry", FIXED_RETRY)
     settings = load_settings(home)
-    builtin = load_plugins().call_first("retry_policy", settings=settings, service=None)
+    builtin = load_plugins().retry_policy(settings, None)
     assert isinstance(builtin, ExponentialBackoff)
-    chosen = load_plugins(["fixed-retry"]).call_first("retry_policy", settings=settings, service=None)
+    chosen = load_plugins(["fixed-retry"]).retry_policy(settings, None)
+    assert chosen is not None
     assert list(chosen.delays()) == [0.25]
 
 
@@ -125,13 +127,14 @@ class _Recorder:
         self.name, self.answer, self.log = name, answer, log
 
     @hookimpl
-    async def discover_peer(self, node: object, peer_id: str, settings: Settings) -> str | None:
+    async def discover_peer(self, node: object, peer_id: str, settings: Settings) -> PeerRecord | None:
         self.log.append(self.name)
-        return self.answer
+        return None if self.answer is None else PeerRecord(peer_id, (), source=self.answer)
 
 
 async def _call(host: PluginHost) -> object:
-    return await host.acall_first("discover_peer", node=None, peer_id="p", settings=None)
+    record = await host.discover_peer(None, "p", None)  # type: ignore[arg-type]
+    return None if record is None else record.source
 
 
 @pytest.mark.anyio
@@ -176,7 +179,17 @@ def test_hook_with_misspelt_argument_is_rejected() -> None:
 
 def test_every_hook_is_documented() -> None:
     hooks = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "peerup_spec")]
-    assert sorted(hooks) == ["configure", "dial", "discover_peer", "open_node", "proxy_stream", "retry_policy"]
+    assert sorted(hooks) == [
+        "configure",
+        "dial",
+        "discover_peer",
+        "identity",
+        "open_node",
+        "parse_peer_id",
+        "proxy_stream",
+        "resolve_name",
+        "retry_policy",
+    ]
     architecture = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
     for name in hooks:
         assert getattr(hookspecs, name).__doc__

@@ -24,8 +24,7 @@ import pytest
 import trio
 
 from peerup.plugins.libp2p import portmap
-
-from conftest import netlab_or_skip
+from peerup.pytest_fixtures import netlab_or_skip
 
 MAPPER = """
 import json, logging, sys, time, trio

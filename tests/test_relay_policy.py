@@ -22,7 +22,7 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import Reservation
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
-from peerup.core.errors import PeerupError
+from peerup.core.errors import RetriesExhausted
 from peerup.plugins.libp2p import workarounds
 from peerup.plugins.libp2p.identity import create_identity
 from peerup.plugins.libp2p.node import Libp2pNode
@@ -61,7 +61,8 @@ async def test_relay_allowlist_refuses_reservations_and_circuits_of_others(tmp_p
                     stream = await rt.open_service_stream(client, server.peer_id, "svc")
                     assert await exchange(stream, b"allowed") == b"allowed"
             async with client_node(tmp_path, relay_addr, "stranger") as (rt, stranger):
-                with anyio.fail_after(20), pytest.raises(PeerupError):
+                # 202: PERMISSION_DENIED, the relay's answer to a CONNECT from outside relay.allow
+                with anyio.fail_after(20), pytest.raises(RetriesExhausted, match="failed with status 202"):
                     await rt.open_service_stream(stranger, server.peer_id, "svc")
 
 
@@ -75,7 +76,8 @@ async def test_relay_circuit_cap_refuses_beyond_the_limit(tmp_path: Path) -> Non
     ):
         with anyio.fail_after(30):
             first = await rt1.open_service_stream(one, server.peer_id, "svc")  # holds the only circuit
-            with pytest.raises(PeerupError):
+            # 201: RESOURCE_LIMIT_EXCEEDED
+            with pytest.raises(RetriesExhausted, match="failed with status 201"):
                 await rt2.open_service_stream(two, server.peer_id, "svc")
             assert await exchange(first, b"first") == b"first"
 
@@ -188,7 +190,7 @@ async def test_a_peer_at_its_circuit_limit_is_refused_as_a_limit_and_logged(
         _, policy, _ = relay_parts(node)
         with anyio.fail_after(30):
             first = await rt1.open_service_stream(one, server.peer_id, "svc")  # the server's only circuit
-            with pytest.raises(PeerupError) as refused:
+            with pytest.raises(RetriesExhausted, match="failed with status 201") as refused:  # RESOURCE_LIMIT_EXCEEDED
                 await rt2.open_service_stream(two, server.peer_id, "svc")
             assert "not found" not in str(refused.value)
             assert await exchange(first, b"first") == b"first"

@@ -95,6 +95,8 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def _sha256(path: Path) -> str:

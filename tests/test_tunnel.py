@@ -21,6 +21,7 @@ from peerup.core.errors import ConfigError, RetriesExhausted, ServiceError
 from peerup.core.node import Node, PeerAttribute
 from peerup.core.runtime import Runtime
 from peerup.core.settings import ProxySettings
+from peerup.pytest_fixtures import log_event
 from peerup.testing import (
     RELAYED_ONLY,
     client_node,
@@ -184,8 +185,7 @@ async def test_a_peers_stream_slots_are_free_again_as_soon_as_its_tunnels_end(tm
                     await stream.send_eof()
                     await read_all(stream)
                     await stream.aclose()
-            while server_rt.open_tunnels:
-                await anyio.sleep(0.01)
+            assert await server_rt.drain(20)
         tg.cancel_scope.cancel()
 
 
@@ -262,17 +262,20 @@ async def test_retries_follow_the_policy_and_reach_a_peer_that_comes_up(
             server_id = server.peer_id
         async with client_node(tmp_path, relay_addr) as (runtime, client), anyio.create_task_group() as tg:
             opened: list[object] = []
+            done = anyio.Event()
 
             async def connect() -> None:
                 opened.append(await runtime.open_service_stream(client, server_id, "svc"))
+                done.set()
 
             started = anyio.current_time()
-            tg.start_soon(connect)
-            await anyio.sleep(0.5)  # the first attempt(s) fail: nobody holds that ID now
+            with log_event("peerup.retry", "retrying in") as retried:
+                tg.start_soon(connect)
+                with anyio.fail_after(20):
+                    await retried.wait()  # the first attempt failed: nobody holds that ID now
             async with serving_node(tmp_path, relay_addr, {"svc": addr}, nat=RELAYED_ONLY) as _:
                 with anyio.fail_after(20):
-                    while not opened:
-                        await anyio.sleep(0.05)
+                    await done.wait()
                 stream = opened[0]
                 assert stream.extra(PeerAttribute.path) == "relayed"  # type: ignore[attr-defined]
                 await stream.aclose()  # type: ignore[attr-defined]

@@ -31,8 +31,9 @@ from multiaddr import Multiaddr
 from peerup.core.errors import ConfigError
 from peerup.core.plugins import load_plugins
 from peerup.core.runtime import Runtime
-from peerup.plugins.libp2p import muxer, transports
+from peerup.plugins.libp2p import muxer, patches, transports
 from peerup.plugins.libp2p.node import Libp2pNode
+from peerup.pytest_fixtures import netlab_or_skip
 from peerup.testing import (
     LOCAL,
     client_node,
@@ -43,8 +44,6 @@ from peerup.testing import (
     serving_node,
     tcp_service,
 )
-
-from conftest import netlab_or_skip
 
 LOCAL_WS = "/ip4/127.0.0.1/tcp/0/ws"
 BOTH = ["tcp", "ws"]
@@ -170,13 +169,19 @@ async def test_websocket_upgrade_is_bounded_by_the_handshake_timeout(tmp_path: P
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", ["peerup", "upstream"])
+# Upstream's transport refuses the third dial after connecting it (transport.py:634-638) and
+# never closes that connection: its socket is left to the garbage collector. Only here, where
+# upstream's class is run on purpose, is that warning expected.
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
 async def test_websocket_dials_are_uncounted_when_they_close(tmp_path: Path, kind: str) -> None:
     """Upstream's transport counts each dialed connection and never uncounts it: with
     max_connections 2, the third dial in a row (each closed before the next) fails
     ("Maximum connections reached"); a node would stop reaching WebSocket relays
     after 1000 reconnects. The transport is driven directly, so no other dialer
     (DHT, keepalive) shares its count."""
-    cls = transports.PeerupWebsocketTransport if kind == "peerup" else WebsocketTransport
+    # "peerup" is what a node uses (upstream's class with patch "websocket-uncount" off).
+    peerups = transports.PeerupWebsocketTransport if patches.enabled("websocket-uncount") else WebsocketTransport
+    cls = peerups if kind == "peerup" else WebsocketTransport
     async with ws_relay(tmp_path) as (_, ws, _relay), trio.open_nursery() as nursery:
         transport = cls(TransportUpgrader({}, {}), WebsocketConfig(max_connections=2))
         transport.set_background_nursery(nursery)

@@ -54,5 +54,6 @@ async def test_broken_answers_are_one_line_errors(answer: bytes, expected: str) 
     async with client, server:
         with anyio.fail_after(5), pytest.raises(PeerupError) as info:
             await wire.read_status(client, "ssh")
+    assert type(info.value) is PeerupError  # not a ServiceError: the peer never answered a status
     assert expected in str(info.value)
     assert "\n" not in str(info.value)

@@ -7,37 +7,57 @@ Every arrow of the data path is one hook::
 plus ``open_node``, which starts the transport those hooks use, and
 ``configure``, which lets each plugin check its own settings at start-up.
 
-How async hooks are called
---------------------------
-pluggy calls hook implementations synchronously, and its ``firstresult`` stops at
-the first non-``None`` return, which for an ``async def`` is always the coroutine
-object itself. So the async hooks here are *not* declared ``firstresult``. The
-core (:mod:`peerup.core.plugins`) calls the hook, gets one result per
-implementation in pluggy's order (plugins registered later run first; honour
-``tryfirst``/``trylast``), then awaits them one at a time and **stops at the first
-result that is not None**. Coroutines after the winner are closed unstarted, so
-an implementation that loses does no work. An implementation may also be a plain
-``def`` returning a value (or ``None``); the core treats it the same way.
+How hooks are called
+--------------------
+The core calls every hook through pluggy (so ``pm.trace`` and
+``add_hookcall_monitoring`` see each call), one typed method per hook on
+:class:`peerup.core.plugins.PluginHost`. Plugins registered later are asked
+first: selected plugins (``--plugin NAME``, ``plugins = [...]``) are registered
+after the built-ins and so win over a built-in that answers the same hook.
+``tryfirst``/``trylast`` reorder as in any pluggy project; no built-in uses them
+except ``peers`` (the ``[peers]`` table), whose ``resolve_name`` is ``tryfirst``
+because a name the user wrote in the config is the user's own word.
 
-Selected plugins (``peerup run --plugin NAME``) are registered after the
-built-ins, so they are asked first and win over a built-in that answers the same
-hook. Returning ``None`` means "not mine, ask the next plugin".
+The synchronous hooks (``configure``, ``open_node``, ``retry_policy``,
+``resolve_name``, ``parse_peer_id``) are ordinary pluggy hooks. The async ones
+(``discover_peer``, ``dial``, ``proxy_stream``) cannot be pluggy
+``firstresult`` hooks, because an ``async def`` returns a coroutine, which is
+never ``None``. So the core awaits their results in pluggy's order and stops at
+the first that is not ``None``; the coroutines after the winner are closed
+unstarted, so a plugin that loses does no work. Returning ``None`` means "not
+mine, ask the next plugin". A plain ``def`` returning a value works too.
+
+Wrappers work for every hook, with pluggy's ``@hookimpl(wrapper=True)`` (a
+generator, as in pytest). Around an async hook, the value the ``yield`` gives
+back is a :class:`peerup.core.hookcall.Answer`: what the plugins inside the
+wrapper will answer, not awaited yet. Return it, return ``answer.call(**changed)``
+(the same chain with some arguments replaced, for example a stream that counts
+bytes), or return a coroutine of your own that awaits it. An ``async def``
+marked ``wrapper=True`` is refused when the plugin is loaded.
 
 Errors
 ------
 A hook implementation raises a :class:`peerup.core.errors.PeerupError` subclass
-for a failure the user should see (peer not found, refused, ...). Any other
-exception is reported as a bug in that plugin, named, in one line.
+for a failure the user should see (peer not found, refused, ...); it reaches the
+user as it is, even from inside task groups. A ``TimeoutError`` becomes a
+:class:`~peerup.core.errors.PeerTimeout`, retried like the core's own timeouts.
+Any other exception is reported as a bug in the plugin whose code raised it,
+named with its distribution, in one line.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import pluggy
 
+#: What ``identity`` is asked to do with the home's key.
+IdentityMode = Literal["load", "create"]
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from anyio.abc import ByteStream
 
     from peerup.core.node import Node, PeerRecord
@@ -137,8 +157,63 @@ async def proxy_stream(
 
 
 @hookspec(firstresult=True)
-def retry_policy(settings: Settings, service: ServiceSettings | None) -> RetryPolicy | None:
+def identity(home: Path, mode: IdentityMode) -> str | None:
+    """This home's identity as the transport keeps it; returns its peer ID.
+
+    :param mode: ``"load"`` reads the existing key (``peerup whoami``);
+        ``"create"`` makes a new one and refuses to overwrite (``peerup init``, and
+        ``invite``/``join`` on a fresh machine).
+    :raises IdentityError: missing (``load``), already there (``create``),
+        unreadable, or readable by others.
+    :returns: the peer ID, or ``None`` from a plugin that keeps no identity.
+
+    The built-in ``libp2p`` plugin answers (an Ed25519 key in ``HOME/identity.key``).
+    Synchronous and first-result. It lets the CLI and tools manage identities
+    without importing the transport.
+    """
+
+
+@hookspec(firstresult=True)
+def resolve_name(name: str, settings: Settings) -> str | None:
+    """Turn a friendly peer name (``home``, ``laptop``) into a peer ID.
+
+    Asked for every peer the user names (``proxy``, ``ping``, ``proxies``,
+    ``services.NAME.allow``) before the text is tried as a peer ID, so a
+    discovery plugin can serve names from its own table, DNS TXT records, a
+    directory. The built-in ``peers`` plugin answers from the ``[peers]`` table.
+
+    :returns: the peer ID text (the core validates it with ``parse_peer_id`` and
+        names this hook in the error if it is not one), or ``None`` when the name
+        is not yours.
+
+    Synchronous and first-result: keep it quick (it runs before each proxied
+    connection); read a file when it changed, not on every call.
+    """
+
+
+@hookspec(firstresult=True)
+def parse_peer_id(text: str) -> str | None:
+    """The transport's canonical form of a peer ID, so peer IDs are checked without a running node.
+
+    :raises ValueError: with a one-line reason when ``text`` is not a peer ID.
+    :returns: the canonical text, or ``None`` from a plugin that provides no transport.
+
+    The built-in ``libp2p`` plugin answers (base58 multihash). Synchronous and
+    first-result.
+    """
+
+
+@hookspec(firstresult=True)
+def retry_policy(settings: Settings, service: ServiceSettings | None, service_name: str | None) -> RetryPolicy | None:
     """Return the policy that spaces attempts to reach a peer's service.
+
+    :param service: this node's own settings for the service, when it has them
+        (a ``[services.NAME]`` entry); ``None`` on a client, which knows only the
+        name, and for the node's own reconnects to its relay.
+    :param service_name: the service the operation reaches (``ssh`` for
+        ``peerup proxy home ssh 2222``); ``None`` for relay reconnects. Take it
+        to space retries per service (pluggy lets an implementation accept only
+        the arguments it needs).
 
     The core calls ``policy.delays()`` once per operation and sleeps for each
     value between failed attempts (retryable failures only: not found,

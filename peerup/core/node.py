@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from anyio import TypedAttributeSet, typed_attribute
 from anyio.abc import ByteStream
@@ -64,3 +64,62 @@ class Node(Protocol):
 
     def parse_peer_id(self, text: str) -> str:
         """Validate and normalise a peer ID, raising ``ValueError`` on garbage."""
+
+
+@dataclass(frozen=True)
+class RelaySlot:
+    """A relay this node keeps a reservation on (``peerup status``)."""
+
+    addr: str
+    reserved: bool
+    #: Unix time the reservation expires; ``None`` when not reserved.
+    expires: float | None
+
+
+@dataclass(frozen=True)
+class PeerConnection:
+    """One open connection to a peer (``peerup peers``)."""
+
+    peer_id: str
+    path: str
+    address: str
+    #: Unix time the connection opened, when the transport saw it open.
+    since: float | None
+    #: Round trip of a ping on this very connection, in seconds; ``None``: no answer in time.
+    rtt: float | None
+
+
+@runtime_checkable
+class Introspectable(Protocol):
+    """What ``peerup status`` and ``peers`` ask a node; optional, so a transport may leave it out."""
+
+    def relay_slots(self) -> list[RelaySlot]:
+        """Each configured relay and whether this node holds a slot on it."""
+
+    def reachability(self) -> str:
+        """``public``, ``nated`` or ``unknown``: can peers dial this node directly?"""
+
+    async def wait_relay_slot(self) -> None:
+        """Return once a slot is held on some relay (at once when none is configured)."""
+
+    async def connections(self, rtt_timeout: float) -> list[PeerConnection]:
+        """Open connections, each measured with one ping of at most ``rtt_timeout`` seconds."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One number a transport reports for the metrics endpoint (relay circuits, hole punches)."""
+
+    name: str
+    help: str
+    kind: Literal["gauge", "counter"]
+    labels: dict[str, str]
+    value: float
+
+
+@runtime_checkable
+class Measured(Protocol):
+    """A node that reports its own transport-level numbers; optional."""
+
+    def samples(self) -> list[Sample]:
+        """Current values; counters count since the node started."""

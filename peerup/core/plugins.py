@@ -15,18 +15,26 @@ loaded, so a broken or surprising package cannot change a node by being present.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
 import pluggy
+from anyio.abc import ByteStream
 
 from peerup.core import hookspecs
-from peerup.core.errors import PeerupError, PluginError
+from peerup.core.errors import PluginError
+from peerup.core.hookcall import Answer, Blame
+from peerup.core.hookspecs import IdentityMode, hookimpl
+from peerup.core.node import Node, PeerRecord
+from peerup.core.retry import RetryPolicy
+from peerup.core.settings import PluginSettings, ServiceSettings, Settings
 
 log = logging.getLogger("peerup.plugins")
 
@@ -61,16 +69,23 @@ def installed_entry_points() -> list[EntryPoint]:
 
 
 class PluginHost:
-    """The pluggy manager plus the async first-result calling convention.
+    """The pluggy manager and one typed method per hook.
 
-    Kept as one object so tests and embedding programs can build a host with
-    exactly the plugins they want (``PluginHost.from_objects``).
+    The core calls hooks only through these methods, never by string name, so
+    a hook's arguments and result are checked by mypy where it is called. Every
+    call goes through pluggy's own loop (tracing, ``add_hookcall_monitoring``
+    and wrappers all apply); async hooks are answered as described in
+    :mod:`peerup.core.hookcall`. Kept as one object so tests and embedding
+    programs can build a host with exactly the plugins they want
+    (``PluginHost.from_objects``).
     """
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self._origin: dict[str, str] = {}
+        self._blame = Blame()
+        self.pm.register(_AsyncAnswers(self), name=CORE_PLUGIN)
 
     @classmethod
     def from_objects(cls, plugins: Iterable[tuple[str, object]]) -> PluginHost:
@@ -82,7 +97,7 @@ class PluginHost:
     def register(self, name: str, plugin: object, origin: str) -> None:
         try:
             self.pm.register(plugin, name=name)
-        except (ValueError, pluggy.PluginValidationError) as exc:  # duplicate name, hook argument typo
+        except (ValueError, pluggy.PluginValidationError) as exc:  # duplicate name, hook argument typo, async wrapper
             raise PluginError(f"plugin {origin}: {_first_and_last_line(exc)}") from exc
         self._origin[name] = origin
         try:
@@ -90,9 +105,16 @@ class PluginHost:
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(name=name)
             raise PluginError(f"plugin {origin}: {_first_and_last_line(exc)}") from exc
+        for caller in self.pm.get_hookcallers(plugin) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin:
+                    self._blame.add(impl.function, origin)
 
     def plugin_names(self) -> list[str]:
-        return [name for name, _ in self.pm.list_name_plugin()]
+        return [name for name, _ in self.pm.list_name_plugin() if name != CORE_PLUGIN]
+
+    def plugins(self) -> list[tuple[str, object]]:
+        return [(name, plugin) for name, plugin in self.pm.list_name_plugin() if name != CORE_PLUGIN]
 
     def hooks_of(self, name: str) -> tuple[str, ...]:
         plugin = self.pm.get_plugin(name)
@@ -101,64 +123,151 @@ class PluginHost:
     def origin(self, plugin_name: str) -> str:
         return self._origin.get(plugin_name, plugin_name)
 
-    def call_first(self, hook_name: str, **kwargs: Any) -> Any:
-        """A synchronous first-result hook, with plugin failures named."""
-        hook = getattr(self.pm.hook, hook_name)
-        try:
-            return hook(**kwargs)
-        except PeerupError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"hook {hook_name} failed in a plugin: {type(exc).__name__}: {exc}") from exc
+    def declared_settings(self) -> list[tuple[str, type[PluginSettings]]]:
+        """(plugin name, settings model) for each registered plugin that declares one."""
+        found = []
+        for name, plugin in self.plugins():
+            model = getattr(plugin, "settings_model", None)
+            if model is None:
+                continue
+            if not (isinstance(model, type) and issubclass(model, PluginSettings)):
+                raise PluginError(f"plugin {self.origin(name)}: settings_model must be a PluginSettings subclass")
+            if not isinstance(getattr(model, "section", None), str):
+                raise PluginError(f"plugin {self.origin(name)}: {model.__name__}.section must name its [plugin.NAME]")
+            found.append((name, model))
+        return found
 
-    def _in_order(self, hook_name: str) -> list[Any]:
-        """Implementations in pluggy's call order (it stores them first-registered-first)."""
-        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+    def check_settings(self, settings: Settings) -> None:
+        """Validate every declared ``[plugin.NAME]`` once, at start-up: a typo is one line, now."""
+        for _name, model in self.declared_settings():
+            settings.plugin_settings(model)
 
-    @contextmanager
-    def _blame(self, impl: Any, hook_name: str) -> Iterator[None]:
-        """A plugin's unexpected exception becomes one PluginError line naming it."""
-        try:
-            yield
-        except PeerupError:
-            raise
-        except Exception as exc:
-            raise PluginError(
-                f"plugin {self.origin(impl.plugin_name)} failed in {hook_name}: {type(exc).__name__}: {exc}"
-            ) from exc
+    # -- the hooks, typed ------------------------------------------------------
 
-    def call_all(self, hook_name: str, **kwargs: Any) -> list[Any]:
-        """A synchronous hook every plugin answers; a failure names its plugin."""
-        results = []
-        for impl in self._in_order(hook_name):
-            with self._blame(impl, hook_name):
-                results.append(impl.function(**{name: kwargs[name] for name in impl.argnames}))
-        return results
+    def configure(self, settings: Settings) -> None:
+        with self._blame.around("configure"):
+            self.pm.hook.configure(settings=settings)
 
-    async def acall_first(self, hook_name: str, **kwargs: Any) -> Any:
-        """Call an async hook: await results in pluggy order, stop at the first non-None.
+    def open_node(
+        self, settings: Settings, role: str, retry_policy: RetryPolicy
+    ) -> AbstractAsyncContextManager[Node] | None:
+        with self._blame.around("open_node"):
+            manager: AbstractAsyncContextManager[Node] | None = self.pm.hook.open_node(
+                settings=settings, role=role, retry_policy=retry_policy
+            )
+        return manager
 
-        Each implementation is called on its own (not through pluggy's loop) so a
-        failure names its plugin and losing coroutines are never created.
-        """
-        for impl in self._in_order(hook_name):
-            with self._blame(impl, hook_name):
-                result = impl.function(**{name: kwargs[name] for name in impl.argnames})
-                if inspect.isawaitable(result):
-                    result = await _await(result)
-            if result is not None:
-                return result
-        return None
+    def retry_policy(
+        self, settings: Settings, service: ServiceSettings | None, service_name: str | None = None
+    ) -> RetryPolicy | None:
+        if service_name is None and service is not None:
+            service_name = service.name
+        with self._blame.around("retry_policy"):
+            policy: RetryPolicy | None = self.pm.hook.retry_policy(
+                settings=settings, service=service, service_name=service_name
+            )
+        return policy
+
+    def identity(self, home: Path, mode: IdentityMode) -> str:
+        """The home's peer ID through the active transport (see the hook for ``mode``)."""
+        with self._blame.around("identity"):
+            peer_id: str | None = self.pm.hook.identity(home=home, mode=mode)
+        if peer_id is None:
+            raise PluginError("no active plugin keeps an identity (identity); is the built-in 'libp2p' disabled?")
+        return peer_id
+
+    def resolve_name(self, name: str, settings: Settings) -> str | None:
+        with self._blame.around("resolve_name"):
+            peer: str | None = self.pm.hook.resolve_name(name=name, settings=settings)
+        if peer is not None and not isinstance(peer, str):
+            raise PluginError(f"resolve_name answered {name!r} with a {type(peer).__name__}, not a peer ID string")
+        return peer
+
+    def parse_peer_id(self, text: str) -> str | None:
+        """The transport's canonical form of ``text``; raises ValueError on garbage, None if no transport."""
+        parsed: str | None = self.pm.hook.parse_peer_id(text=text)
+        return parsed
+
+    async def discover_peer(self, node: Node, peer_id: str, settings: Settings) -> PeerRecord | None:
+        record = await self._answer("discover_peer", node=node, peer_id=peer_id, settings=settings)
+        if record is not None and not isinstance(record, PeerRecord):
+            raise PluginError(f"discover_peer answered with a {type(record).__name__}, not a PeerRecord")
+        return record
+
+    async def dial(self, node: Node, peer: PeerRecord, protocol: str, settings: Settings) -> ByteStream | None:
+        stream = await self._answer("dial", node=node, peer=peer, protocol=protocol, settings=settings)
+        if stream is not None and not isinstance(stream, ByteStream):
+            await _close_anything(stream)
+            raise PluginError(f"dial answered with a {type(stream).__name__}, not an anyio ByteStream")
+        return stream
+
+    async def proxy_stream(
+        self, local: ByteStream, remote: ByteStream, settings: Settings, service: ServiceSettings | None
+    ) -> bool | None:
+        handled = await self._answer("proxy_stream", local=local, remote=remote, settings=settings, service=service)
+        return None if handled is None else bool(handled)
+
+    async def _answer(self, hook: str, **kwargs: Any) -> Any:
+        with self._blame.around(hook):
+            outcome = getattr(self.pm.hook, hook)(**kwargs)
+            return await outcome if inspect.isawaitable(outcome) else outcome
+
+    def again(self, hook: str) -> Callable[[dict[str, Any]], Iterator[Any]]:
+        """Call the plain (non-wrapper) implementations of ``hook`` lazily, in pluggy's order."""
+
+        def call(kwargs: dict[str, Any]) -> Iterator[Any]:
+            for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+                if impl.wrapper or impl.hookwrapper:
+                    continue
+                yield impl.function(*(kwargs[name] for name in impl.argnames))
+
+        return call
+
+
+#: The name of the core's own wrappers in the plugin manager.
+CORE_PLUGIN = "peerup.core"
+
+
+class _AsyncAnswers:
+    """Innermost wrappers of the async hooks: pluggy's list of results becomes one Answer."""
+
+    def __init__(self, host: PluginHost) -> None:
+        self._host = host
+
+    def _wrap(self, hook: str, kwargs: dict[str, Any]) -> Generator[None, list[Any], Answer[Any]]:
+        results = yield
+        return Answer(hook, results, kwargs, self._host.again(hook))
+
+    @hookimpl(wrapper=True, trylast=True)
+    def discover_peer(self, node: Node, peer_id: str, settings: Settings) -> Generator[None, list[Any], Answer[Any]]:
+        return (yield from self._wrap("discover_peer", {"node": node, "peer_id": peer_id, "settings": settings}))
+
+    @hookimpl(wrapper=True, trylast=True)
+    def dial(
+        self, node: Node, peer: PeerRecord, protocol: str, settings: Settings
+    ) -> Generator[None, list[Any], Answer[Any]]:
+        kwargs = {"node": node, "peer": peer, "protocol": protocol, "settings": settings}
+        return (yield from self._wrap("dial", kwargs))
+
+    @hookimpl(wrapper=True, trylast=True)
+    def proxy_stream(
+        self, local: ByteStream, remote: ByteStream, settings: Settings, service: ServiceSettings | None
+    ) -> Generator[None, list[Any], Answer[Any]]:
+        kwargs = {"local": local, "remote": remote, "settings": settings, "service": service}
+        return (yield from self._wrap("proxy_stream", kwargs))
+
+
+async def _close_anything(thing: object) -> None:
+    close = getattr(thing, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
 
 
 def _first_and_last_line(exc: Exception) -> str:
     """pluggy explains a bad hookimpl over three lines; the user gets one."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[0] if len(lines) < 2 else f"{lines[0]}: {lines[-1]}"
-
-
-async def _await(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
 
 
 def _instantiate(name: str, plugin: object, dist: str, version: str) -> object:

@@ -12,14 +12,14 @@ seed's (docs/adr/0003-timeouts-and-retries.md).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -49,6 +49,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PluginSettings(BaseModel):
+    """Base for a plugin's own settings, its ``[plugin.SECTION]`` of config.toml.
+
+    A plugin declares its model as ``settings_model = MySettings`` (a class or
+    module attribute); peerup validates the section once when the plugin is
+    activated, so a typo stops ``peerup run`` with one line naming the file and
+    key, and ``peerup config show`` prints the section with its defaults. The
+    plugin reads the typed object with ``settings.plugin_settings(MySettings)``.
+    Unknown keys are refused, like in peerup's own sections.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: The ``NAME`` of ``[plugin.NAME]``; by convention the plugin's entry-point name.
+    section: ClassVar[str]
+
+
 class Timeouts(_Strict):
     """The seed's timeouts (ADR-A01). ``idle`` is off: SSH sessions live long."""
 
@@ -75,7 +92,9 @@ class ServiceSettings(_Strict):
     name: str = ""
     address: str
     local_dial_timeout: float | None = Field(None, gt=0)
-    service_stream_timeout: float | None = Field(None, gt=0)
+    service_stream_timeout: float | None = Field(
+        None, gt=0, description="no effect: the client waits, so set proxies[].service_stream_timeout there"
+    )
     idle_timeout: float | None = Field(None, gt=0)
     allow: list[str] | None = Field(
         None, description="peers (IDs or [peers] names) allowed to use this service; unset = all authorized peers"
@@ -85,6 +104,17 @@ class ServiceSettings(_Strict):
     @classmethod
     def _host_port(cls, value: str) -> str:
         parse_host_port(value)
+        return value
+
+    @field_validator("service_stream_timeout")
+    @classmethod
+    def _client_side_only(cls, value: float | None) -> float | None:
+        # Accepted so that old configs still start, but said: it never did anything here.
+        if value is not None:
+            logging.getLogger("peerup.settings").warning(
+                "services.*.service_stream_timeout has no effect on the serving node; "
+                "set service_stream_timeout on the client's [[proxies]] entry (or [timeouts] service_stream)"
+            )
         return value
 
     @property
@@ -107,11 +137,35 @@ class ProxySettings(_Strict):
     service: str
     port: int = Field(ge=0, le=65535)
     bind: str = "127.0.0.1"
+    service_stream_timeout: float | None = Field(
+        None, gt=0, description="seconds per attempt to reach the service; unset = timeouts.service_stream"
+    )
 
     @field_validator("service")
     @classmethod
     def _service_name(cls, value: str) -> str:
         return check_service_name(value)
+
+
+class ControlSettings(_Strict):
+    """The daemon's local control API (docs/operations.md, docs/adr/0014-control-api.md)."""
+
+    socket: Path | None = Field(None, description="Unix socket of the control API; unset = HOME/control.sock")
+
+
+class MetricsSettings(_Strict):
+    """Opt-in Prometheus endpoint of ``peerup daemon`` and ``peerup relay serve`` (docs/operations.md)."""
+
+    enabled: bool = Field(False, description="serve /metrics and /healthz over HTTP")
+    listen: str = Field("127.0.0.1:9464", description="HOST:PORT of the metrics endpoint (port 0 picks one)")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+        return value
 
 
 class LimitsSettings(_Strict):
@@ -169,6 +223,17 @@ class RelaySettings(_Strict):
     circuit_data: int | None = Field(None, gt=0, description="bytes per circuit; unset = no cap")
 
 
+def _tunnel_name(name: str) -> str:
+    """A tunnel's name is its ID in ``peerup tunnels`` and ``disconnect``: the service-name rule."""
+    try:
+        return check_service_name(name)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("service name", "tunnel name", 1)) from None
+
+
+#: Checked as a key, apart from the entry, so a bad name and a bad entry are both reported.
+TunnelName = Annotated[str, AfterValidator(_tunnel_name)]
+
 #: Transports a host can dial and listen with (peerup/plugins/libp2p/transports.py).
 Transport = Literal["tcp", "ws"]
 
@@ -190,12 +255,18 @@ class Settings(BaseSettings):
     peers: dict[str, str] = Field({}, description="friendly name -> peer ID")
     services: dict[str, ServiceSettings] = {}
     proxies: list[ProxySettings] = []
+    tunnels: dict[TunnelName, ProxySettings] = Field(
+        {}, description="persistent tunnels [tunnels.NAME] the daemon opens at start and keeps across reloads"
+    )
+    control: ControlSettings = ControlSettings()
+    metrics: MetricsSettings = MetricsSettings()
     timeouts: Timeouts = Timeouts()
     retry: Retry = Retry()
     relay: RelaySettings = RelaySettings()
     plugin: dict[str, dict[str, Any]] = Field(
-        {}, description="per-plugin sections, [plugin.NAME]; each plugin validates its own"
+        {}, description="per-plugin sections, [plugin.NAME]; each plugin declares its model (PluginSettings)"
     )
+    _plugin_objects: dict[type[BaseModel], BaseModel] = PrivateAttr(default_factory=dict)
     auth: AuthSettings = AuthSettings()
     limits: LimitsSettings = LimitsSettings()
     transports: list[Transport] = Field(
@@ -242,6 +313,15 @@ class Settings(BaseSettings):
     def authorized_keys_file(self) -> Path:
         return self.home / "authorized_keys"
 
+    @property
+    def control_socket(self) -> Path:
+        return self.control.socket or self.home / "control.sock"
+
+    @property
+    def control_cookie(self) -> Path:
+        """The daemon's secret for API clients; a new one each start, readable by its user only."""
+        return self.control_socket.with_name(self.control_socket.name + ".cookie")
+
     def service(self, name: str) -> ServiceSettings:
         return self.services[name]
 
@@ -260,24 +340,22 @@ class Settings(BaseSettings):
             return service.idle_timeout
         return self.timeouts.idle
 
+    def plugin_settings(self, model: type[P]) -> P:
+        """The plugin's ``[plugin.SECTION]`` as its typed model, validated once per Settings.
+
+        peerup validates every active plugin's declared section at start-up
+        (:meth:`peerup.core.plugins.PluginHost.check_settings`); later calls
+        return the same object, so a hook may call this on every connection.
+        """
+        cached = self._plugin_objects.get(model)
+        if cached is None:
+            cached = self._plugin_objects[model] = plugin_section(self, model.section, model)
+        assert isinstance(cached, model)
+        return cached
+
     def resolve_peer(self, name_or_id: str) -> str:
         """A friendly name from ``[peers]``, else the text itself (validated by the node)."""
         return self.peers.get(name_or_id, name_or_id)
-
-    def peer_id(self, text: str, parse: Callable[[str], str]) -> str:
-        """``text`` as a peer ID: a ``[peers]`` name or an ID, checked by the transport's ``parse``.
-
-        One :class:`ConfigError` line otherwise, the same whether the CLI checks
-        before starting a node or the runtime once it runs.
-        """
-        try:
-            return parse(self.resolve_peer(text))
-        except ValueError as exc:
-            if text in self.peers:
-                raise ConfigError(f"peer {text!r} in [peers]: {exc}") from exc
-            known = ", ".join(sorted(self.peers)) or "none configured"
-            message = f"peer {text!r} is neither a name in [peers] ({known}) nor a valid peer ID: {exc}"
-            raise ConfigError(message) from exc
 
 
 # The TOML source needs the path before the model exists; load_settings sets it.
@@ -434,6 +512,7 @@ def _describe(error: Any) -> str:
 
 
 M = TypeVar("M", bound=BaseModel)
+P = TypeVar("P", bound=PluginSettings)
 
 
 def plugin_section(settings: Settings, name: str, model: type[M]) -> M:

@@ -48,7 +48,6 @@ from peerup.core.logs import OncePer
 log = logging.getLogger("peerup.libp2p.admission")
 
 
-
 @dataclass(frozen=True)
 class AdmissionLimits:
     max_connections: int = 2048

@@ -7,13 +7,12 @@ where it lives in the installed package, and what it gained. They change no
 wire format: frames, Noise messages and window accounting stay as upstream
 sends them, only fewer, larger system calls and awaits carry them.
 
-Applied by :func:`apply` from ``workarounds.apply_global_workarounds()``;
-idempotent; :func:`applied` says whether they are in place.
+Installed (and switched off, one by one) through :mod:`.patches`, which
+names each; this module only holds the replacements.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 from collections import deque
 from typing import Any
@@ -42,7 +41,9 @@ YAMUX_WINDOW_POLL = 0.0005
 #: (upstream: 256). Every tunnel is one stream on the connection to its peer.
 YAMUX_MAX_STREAMS = 8192
 
-_MARK = "_peerup_fastpath"
+#: (6) on or off: Yamux.__init__ (patch 4) gives each connection chunk buffers
+#: only while the registry's "yamux-buffers" patch sets this.
+CHUNK_BUFFERS = False
 _HEADER = struct.Struct(yamux.YAMUX_HEADER_FORMAT)
 _FRAME_PAYLOAD = yamux.MAX_MESSAGE_SIZE - yamux.HEADER_SIZE
 _MAX_PLAINTEXT = noise_io.MAX_PLAINTEXT_LENGTH
@@ -110,7 +111,7 @@ async def _noise_transport_write_msg(self: Any, msg: bytes, prefix_encoded: bool
 # at window/10 ms. Here one lock round takes up to YAMUX_WRITE_BATCH of window,
 # cuts it into the same <= 65524-byte frames and hands them to the connection
 # in one _write_frame call (one Noise write, see (2)); the window wait polls
-# every 0.5 ms and, like workaround (e), has no 5 s cap (a slow reader stalls
+# every 0.5 ms and, unlike upstream, has no 5 s cap (a slow reader stalls
 # the writer instead of killing the stream); the caller's cancel scope bounds it.
 async def _yamux_stream_write(self: Any, data: bytes) -> None:
     if self.send_closed:
@@ -157,12 +158,11 @@ async def _yamux_stream_write(self: Any, data: bytes) -> None:
 # or a message. Every tunnel is one stream on the one connection to its peer, so
 # the 257th simultaneous tunnel hung silently until the caller's 30 s timeout
 # ("no answer within 30 s"); a relay opening STOP streams to one node hits it too.
-# Here a connection allows YAMUX_MAX_STREAMS, and a full connection fails at once
-# with a message that names the limit instead of waiting. The per-peer policy
+# Here a connection allows YAMUX_MAX_STREAMS; a full connection failing at once
+# with a message that names the limit is muxer.Session.open_stream's. The per-peer policy
 # stays with peerup's own caps (auth.max_streams_per_peer, relay.max_circuits*),
 # which refuse earlier and say so. Inbound streams were never limited upstream.
 _upstream_yamux_init = yamux.Yamux.__init__
-_upstream_open_stream = yamux.Yamux.open_stream
 
 
 # (6) stream_muxer/yamux/yamux.py:890, 1295 keep each stream's received data in
@@ -266,16 +266,8 @@ def _yamux_init(self: Any, *args: Any, **kwargs: Any) -> None:
     _upstream_yamux_init(self, *args, **kwargs)
     self.stream_backlog_limit = YAMUX_MAX_STREAMS
     self.stream_backlog_semaphore = trio.Semaphore(YAMUX_MAX_STREAMS)
-    if "yamux-buffers" not in _SKIPPED:
+    if CHUNK_BUFFERS:
         self.stream_buffers = _StreamBuffers(self.stream_buffers)
-
-
-async def _yamux_open_stream(self: Any) -> Any:
-    if self.stream_backlog_semaphore.value == 0:
-        raise MuxedStreamError(
-            f"yamux: {self.stream_backlog_limit} streams already open on the connection to {self.peer_id}"
-        )
-    return await _upstream_open_stream(self)
 
 
 # (5) protocol_muxer/multiselect_client.py select_one_of (handshake() then
@@ -363,38 +355,22 @@ async def _yamux_auto_tune_and_send_window_update(self: Any, *, bytes_read: int 
         await self.send_window_update(total, skip_lock=True)
 
 
-#: name -> (owner, attribute, replacement). Names are what PEERUP_FASTPATH_SKIP takes.
-_PATCHES: dict[str, tuple[Any, str, Any]] = {
-    "noise-read": (noise_io.NoiseTransportReadWriter, "read_msg", _noise_transport_read_msg),
-    "noise-write": (noise_io.NoiseTransportReadWriter, "write_msg", _noise_transport_write_msg),
-    "yamux-write": (yamux.YamuxStream, "write", _yamux_stream_write),
-    "yamux-conn": (yamux.Yamux, "__init__", _yamux_init),
-    "yamux-open": (yamux.Yamux, "open_stream", _yamux_open_stream),
-    "yamux-credit": (yamux.YamuxStream, "_auto_tune_and_send_window_update", _yamux_auto_tune_and_send_window_update),
-    "multiselect": (multiselect_client.MultiselectClient, "select_one_of", _select_one_of),
+#: The replacement for each patch name of :mod:`.patches` (which says what each replaces).
+REPLACEMENTS: dict[str, Any] = {
+    "noise-read": _noise_transport_read_msg,
+    "noise-write": _noise_transport_write_msg,
+    "yamux-write": _yamux_stream_write,
+    "yamux-conn": _yamux_init,
+    "yamux-credit": _yamux_auto_tune_and_send_window_update,
+    "multiselect": _select_one_of,
 }
-#: Patches switched off by ``PEERUP_FASTPATH_SKIP`` (comma-separated names of
-#: _PATCHES, plus "yamux-buffers" for (6) alone), read once by apply(). For
-#: before/after measurements only (``benchmarks/``); never needed in use.
-_SKIPPED: frozenset[str] = frozenset()
 
 
-def apply() -> None:
-    """Install the patches above (idempotent), except those named in ``PEERUP_FASTPATH_SKIP``."""
-    global _SKIPPED
-    _SKIPPED = frozenset(filter(None, (x.strip() for x in os.environ.get("PEERUP_FASTPATH_SKIP", "").split(","))))
-    for name, (owner, attribute, function) in _PATCHES.items():
-        if name not in _SKIPPED and getattr(owner, attribute) is not function:
-            setattr(owner, attribute, function)
-    setattr(yamux, _MARK, True)
-
-
-def applied() -> bool:
-    return all(
-        getattr(owner, attribute) is function
-        for name, (owner, attribute, function) in _PATCHES.items()
-        if name not in _SKIPPED
-    )
-
-
-__all__ = ["NOISE_RECV_SIZE", "YAMUX_MAX_STREAMS", "YAMUX_WINDOW_POLL", "YAMUX_WRITE_BATCH", "applied", "apply"]
+__all__ = [
+    "CHUNK_BUFFERS",
+    "NOISE_RECV_SIZE",
+    "REPLACEMENTS",
+    "YAMUX_MAX_STREAMS",
+    "YAMUX_WINDOW_POLL",
+    "YAMUX_WRITE_BATCH",
+]

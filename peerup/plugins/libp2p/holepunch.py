@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,8 @@ class HolePuncher:
         self.book = book
         self._listen_addrs = listen_addrs
         self.results: list[PunchResult] = []
+        #: Every attempt since start by (how, ok), for the metrics endpoint (results keeps the last 100).
+        self.counts: Counter[tuple[str, bool]] = Counter()
         host.set_stream_handler(PROTOCOL, self._respond)
 
     # -- addresses ------------------------------------------------------------------
@@ -268,6 +271,7 @@ class HolePuncher:
     def _report(self, result: PunchResult) -> None:
         self.results.append(result)
         del self.results[:-100]
+        self.counts[(result.how, result.ok)] += 1
         verdict = "succeeded in" if result.ok else "failed after"
         seconds = result.seconds
         log.info("direct path to %s: %s %s %.2f s (%s)", result.peer, result.how, verdict, seconds, result.detail)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import struct
 import weakref
 from dataclasses import dataclass
@@ -544,10 +543,6 @@ def install(host: IHost, limits: MuxerLimits) -> None:
     transport, so this covers all three. Also sets the process's buffer guard
     limit (one node per process in production; tests share the last value).
     """
-    if "peerup-session" in os.environ.get("PEERUP_FASTPATH_SKIP", "").split(","):
-        # Benchmarks only (python -m benchmarks.ab): upstream's session, for a same-run comparison.
-        log.warning("PEERUP_FASTPATH_SKIP=peerup-session: upstream yamux, no enforced windows or limits")
-        return
     muxers = host.get_network().upgrader.muxer_multistream  # type: ignore[attr-defined]
     GUARD.limit = limits.max_buffered
 

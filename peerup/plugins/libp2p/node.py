@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import socket
@@ -39,9 +40,9 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from peerup.core.errors import ConfigError, PeerNotFound, PeerUnreachable, ProtocolNotSupported
-from peerup.core.node import PeerAttribute, StreamHandler
+from peerup.core.node import PeerAttribute, PeerConnection, RelaySlot, Sample, StreamHandler
 from peerup.core.settings import Settings
-from peerup.plugins.libp2p import admission, muxer, portmap, relay_limit, transports, workarounds
+from peerup.plugins.libp2p import admission, introspect, muxer, patches, portmap, relay_limit, transports, workarounds
 from peerup.plugins.libp2p.addresses import AddressBook, DialBackService, confirm, watch_observations
 from peerup.plugins.libp2p.admission import AdmissionLimits, InboundGate
 from peerup.plugins.libp2p.holepunch import HolePuncher, PathUpgrader, direct_connection
@@ -132,6 +133,11 @@ class Libp2pNode:
         self.puncher: HolePuncher | None = None
         self.upgrader: PathUpgrader | None = None
         self.dial_back: DialBackService | None = None
+        #: The circuit relay protocol; serves circuits (HOP) only on a relay.
+        self.relay_protocol: CircuitV2Protocol | None = None
+        #: When each connection opened, for ``peerup peers`` (introspect.py).
+        self.clock = introspect.ConnectionClock()
+        host.get_network().register_notifee(self.clock)
 
     # -- the core Node protocol ---------------------------------------------------
 
@@ -159,6 +165,23 @@ class Libp2pNode:
 
     def parse_peer_id(self, text: str) -> str:
         return parse_peer_id(text)
+
+    # -- core.node.Introspectable (peerup status / peers) ---------------------------
+
+    def relay_slots(self) -> list[RelaySlot]:
+        return introspect.relay_slots(self)
+
+    def reachability(self) -> str:
+        return self.addresses.reachability
+
+    async def wait_relay_slot(self) -> None:
+        await introspect.wait_relay_slot(self)
+
+    async def connections(self, rtt_timeout: float) -> list[PeerConnection]:
+        return await introspect.connections(self, self.clock, rtt_timeout)
+
+    def samples(self) -> list[Sample]:
+        return introspect.samples(self)
 
     # -- addresses ----------------------------------------------------------------
 
@@ -206,7 +229,8 @@ class Libp2pNode:
         while the previous connection's 4-tuple is still in TIME_WAIT: reaching
         the relay matters more than the observed address.
         """
-        workarounds.dial_for_real(self.host, info.peer_id)
+        if patches.enabled("dial-for-real"):
+            workarounds.dial_for_real(self.host, info.peer_id)
         port = self.addresses.listen_port
         network: Any = self.host.get_network()
         error: Exception | None = None
@@ -323,7 +347,8 @@ class Libp2pNode:
             if maddr.get_peer_id() is None:
                 maddr = maddr.encapsulate(multiaddr.Multiaddr(f"/p2p/{peer.to_base58()}"))
             info = info_from_p2p_addr(maddr)
-            workarounds.dial_for_real(self.host, info.peer_id)
+            if patches.enabled("dial-for-real"):
+                workarounds.dial_for_real(self.host, info.peer_id)
             with trio.fail_after(DIRECT_DIAL_TIMEOUT):
                 await self.host.connect(info)
         except trio.TooSlowError:
@@ -475,8 +500,13 @@ def relay_circuit_addr(relay_addr: str, peer_id: str) -> str:
     return f"{relay_addr.rstrip('/')}/p2p-circuit/p2p/{peer_id}"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_peer_id(text: str) -> str:
-    """Validate a base58 peer ID; ``ValueError`` with a one-line reason otherwise."""
+    """Validate a base58 peer ID; ``ValueError`` with a one-line reason otherwise.
+
+    Cached: every proxied connection names its peer, and a peer ID's check is
+    pure (lru_cache does not keep failures, so garbage is re-checked, cheaply).
+    """
     text = text.strip()
     hint = "expected base58 like 12D3KooW..., see `peerup whoami`"
     try:
@@ -558,7 +588,7 @@ async def open_libp2p_node(
     """
     if role not in ("relay", "node"):
         raise ValueError(f"role must be 'relay' or 'node', not {role!r}")
-    workarounds.apply_global_workarounds()
+    patches.apply_all()  # the process-wide ones, once per process
     key_pair = load_identity(settings.home)
     relays = _relay_states(settings) if role == "node" else []
     listen = settings.relay.listen if role == "relay" else settings.listen
@@ -568,36 +598,50 @@ async def open_libp2p_node(
     host = new_host(
         key_pair=key_pair,
         muxer_preference="YAMUX",  # pitfall 10: mplex fails over a circuit
-        connection_config=workarounds.connection_config(limits.max_connections, limits.handshake_timeout),
-    )
-    transports.install(host, settings.transports, limits.handshake_timeout)  # issue #12.5: tcp / ws
-    workarounds.disable_auto_dial(host)
-    workarounds.hide_unspecified_addrs(host)
-    workarounds.drop_resource_manager(host)
-    workarounds.single_dial_attempt(host)
-    muxer.install(
-        host,
-        MuxerLimits(
-            max_inbound_streams=limits.max_streams_per_connection,
-            max_window=limits.max_stream_window,
-            window_growth=limits.window_growth_per_connection,
-            max_buffered=limits.max_buffered,
+        connection_config=(
+            workarounds.connection_config(limits.max_connections, limits.handshake_timeout)
+            if patches.enabled("connection-config")
+            else None
         ),
     )
-    gate = admission.install(
-        host,
-        AdmissionLimits(
-            max_connections=limits.max_connections,
-            max_pending=limits.max_pending,
-            max_pending_per_ip=limits.max_pending_per_ip,
-            handshake_timeout=limits.handshake_timeout,
-        ),
-    )
+    # issue #12.5: tcp / ws
+    transports.install(host, settings.transports, limits.handshake_timeout, patches.enabled("websocket-uncount"))
+    # The per-host patches (patches.py says why each), each skipped when switched off.
+    if patches.enabled("no-auto-dial"):
+        workarounds.disable_auto_dial(host)
+    if patches.enabled("hide-wildcard-addrs"):
+        workarounds.hide_unspecified_addrs(host)
+    if patches.enabled("drop-resource-manager"):
+        workarounds.drop_resource_manager(host)
+    if patches.enabled("single-dial-attempt"):
+        workarounds.single_dial_attempt(host)
+    if patches.enabled("peerup-session"):
+        muxer.install(
+            host,
+            MuxerLimits(
+                max_inbound_streams=limits.max_streams_per_connection,
+                max_window=limits.max_stream_window,
+                window_growth=limits.window_growth_per_connection,
+                max_buffered=limits.max_buffered,
+            ),
+        )
+    gate: InboundGate | None = None
+    if patches.enabled("admission-gate"):
+        gate = admission.install(
+            host,
+            AdmissionLimits(
+                max_connections=limits.max_connections,
+                max_pending=limits.max_pending,
+                max_pending_per_ip=limits.max_pending_per_ip,
+                handshake_timeout=limits.handshake_timeout,
+            ),
+        )
     if role == "relay":
         protocol = CircuitV2Protocol(host, limits=relay_limit.relay_limits(settings), allow_hop=True)  # #12.6
         apply_relay_policy(protocol, RelayPolicy(parse_allow(settings.relay.allow), settings.relay.max_circuits))
         dht = KadDHT(host, DHTMode.SERVER)
-        workarounds.release_reservations_on_disconnect(host, protocol.resource_manager)
+        if patches.enabled("release-reservations"):
+            workarounds.release_reservations_on_disconnect(host, protocol.resource_manager)
     else:
         protocol = CircuitV2Protocol(host, allow_hop=False)
         dht = KadDHT(host, DHTMode.CLIENT)
@@ -605,7 +649,8 @@ async def open_libp2p_node(
     node = Libp2pNode(host, role, dht, circuit)
     node.relays = relays
     node.gate = gate
-    if relays:
+    node.relay_protocol = protocol
+    if relays and patches.enabled("advertise-addrs"):
         # Pitfall 6/7: advertise circuit addresses and confirmed public ones only,
         # so peers (and the DHT) never try an unreachable address from behind NAT.
         workarounds.advertise_addrs(host, node.advertised_addrs)
@@ -638,7 +683,8 @@ async def open_libp2p_node(
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            await workarounds.close_host(host)
+            if patches.enabled("close-host"):
+                await workarounds.close_host(host)
 
 
 def _start_nat(node: Libp2pNode, settings: Settings, nursery: trio.Nursery, delays: DelaysFactory) -> None:

@@ -1,8 +1,8 @@
 """The built-in transport plugin: libp2p hosts, relay, DHT discovery and dialing.
 
 Registered through the ``peerup.plugins`` entry point like any third-party
-plugin. Importing it applies the process-wide libp2p workarounds (private DHT
-protocol, yamux window wait, log filters), idempotently.
+plugin. Importing it changes nothing in libp2p: the patches (patches.py) are
+applied when a node opens.
 """
 
 from __future__ import annotations
@@ -11,23 +11,23 @@ import logging
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from functools import partial
+from pathlib import Path
 
 from anyio.abc import ByteStream
 from libp2p.peer.id import ID
 
-from peerup.core.hookspecs import hookimpl
+from peerup.core.hookspecs import IdentityMode, hookimpl
 from peerup.core.node import Node, PeerRecord
 from peerup.core.retry import RetryPolicy
 from peerup.core.settings import Settings
-from peerup.plugins.libp2p import workarounds
+from peerup.plugins.libp2p.identity import create_identity, load_identity, peer_id_of
 from peerup.plugins.libp2p.node import Libp2pNode, open_libp2p_node, relay_circuit_addr
+from peerup.plugins.libp2p.node import parse_peer_id as _parse_peer_id
 
 log = logging.getLogger("peerup.libp2p")
 
 #: A DHT lookup never takes longer than this; an unanswered lookup means "not found".
 DHT_LOOKUP_TIMEOUT = 5.0
-
-workarounds.apply_global_workarounds()
 
 
 @hookimpl
@@ -92,3 +92,15 @@ def _known_addrs(node: Libp2pNode, peer: ID) -> list[str]:
         text = str(addr)
         out.append(text if text.endswith(suffix) else text + suffix)
     return out
+
+
+@hookimpl
+def parse_peer_id(text: str) -> str:
+    return _parse_peer_id(text)
+
+
+@hookimpl
+def identity(home: Path, mode: IdentityMode) -> str:
+    if mode == "create":
+        return create_identity(home)
+    return peer_id_of(load_identity(home))

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import time
+import weakref
 from typing import Any
 
 import trio
@@ -45,17 +46,18 @@ log = logging.getLogger("peerup.relay")
 READ_SIZE = 256 * 1024
 
 
-#: The running directions of each circuit, by its pair of streams: an abort in
-#: one direction must end the other too, since a reader blocked on a stream we
-#: reset locally is not woken by yamux.
-_directions: dict[frozenset[int], list[trio.CancelScope]] = {}
+#: The running directions of each circuit, under each of its two streams: an
+#: abort in one direction must end the other too, since a reader blocked on a
+#: stream we reset locally is not woken by yamux. Weak keys: a circuit's entry
+#: goes with its streams, and a new stream can never inherit an old entry.
+_directions: weakref.WeakKeyDictionary[INetStream, list[trio.CancelScope]] = weakref.WeakKeyDictionary()
 
 
 async def _reset_both(a: INetStream, b: INetStream) -> None:
     for stream in (a, b):
         with contextlib.suppress(Exception):
             await stream.reset()
-    for scope in _directions.get(frozenset((id(a), id(b))), []):
+    for scope in [*_directions.get(a, ()), *_directions.get(b, ())]:
         scope.cancel()
 
 
@@ -68,22 +70,24 @@ async def relay_data(
     circuit_data_limit: list[int] | None = None,
 ) -> None:
     """Copy ``src_stream`` to ``dst_stream`` until EOF (then FIN) or a failure (then reset both)."""
-    key = frozenset((id(src_stream), id(dst_stream)))
     scope = trio.CancelScope()
-    _directions.setdefault(key, []).append(scope)
+    for stream in (src_stream, dst_stream):
+        _directions.setdefault(stream, []).append(scope)
     try:
         with scope:
             await _pump(self, src_stream, dst_stream, peer_id, deadline, circuit_data_limit)
     finally:
-        _directions[key].remove(scope)
-        if not _directions[key]:
-            del _directions[key]
+        for stream in (src_stream, dst_stream):
+            scopes = _directions.get(stream, [])
+            if scope in scopes:
+                scopes.remove(scope)
+            if not scopes:
+                _directions.pop(stream, None)
         # Forget this circuit only if the entry is ours (see fault 1). Upstream files
         # a circuit twice: (source stream, None) under the source peer (:670) and
         # (source, destination) under the destination peer (:721).
-        ours = {id(src_stream), id(dst_stream)}
         entry = self._active_relays.get(peer_id)
-        if entry is not None and {id(s) for s in entry if s is not None} <= ours:
+        if entry is not None and all(s is None or s is src_stream or s is dst_stream for s in entry):
             del self._active_relays[peer_id]
 
 
@@ -132,12 +136,3 @@ async def _pump(
         except Exception:  # noqa: BLE001 - the other end is gone: abort this circuit
             await _reset_both(src_stream, dst_stream)
             return
-
-
-def use_peerup_relay_pump() -> None:
-    """(i) Install :func:`relay_data` as the relay's pump (idempotent, process-wide)."""
-    CircuitV2Protocol._relay_data = relay_data  # type: ignore[method-assign]
-
-
-def relay_pump_patched() -> bool:
-    return CircuitV2Protocol._relay_data is relay_data

@@ -10,9 +10,10 @@ message (to the destination). py-libp2p 0.8.1 reads neither
 protocol.py:397-418 its STOP message's type only): a tunnel through such a
 relay died after about 96 KiB with no word of why.
 
-:func:`read_relay_limits` (process-wide, idempotent) wraps the two
-module-level names those functions call, ``read_delimited_msg`` (and, in
-transport.py, ``write_delimited_msg``, to learn whom a CONNECT is for). When a
+:func:`read_delimited_msg` and :func:`write_delimited_msg` replace the two
+module-level names those functions call (installed by :mod:`.patches`,
+entry "relay-limits"), ``read_delimited_msg`` (and, in transport.py,
+``write_delimited_msg``, to learn whom a CONNECT is for). When a
 CONNECT reply or a STOP CONNECT carries a limit, the relay stream that is
 about to become the relayed connection is tagged with a :class:`Limit`, and:
 
@@ -53,7 +54,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from libp2p.relay.circuit_v2 import protocol as relay_protocol
 from libp2p.relay.circuit_v2 import transport as relay_transport
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, StopMessage
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
@@ -296,7 +296,7 @@ def _on_message(stream: Any, message: Any) -> None:
             _tag(stream, limit, source)
 
 
-# -- the process-wide wrappers --------------------------------------------------------------------
+# -- the process-wide wrappers (installed by patches.py) -------------------------------------------
 
 
 # Module attributes set and read by name: the modules import them from .utils and
@@ -305,7 +305,7 @@ _upstream_read: Callable[[Any, Any], Awaitable[Any]] = getattr(relay_transport, 
 _upstream_write: Callable[[Any, Any], Awaitable[None]] = getattr(relay_transport, "write_delimited_msg")  # noqa: B009
 
 
-async def _read_delimited_msg(stream: Any, msg_cls: Any) -> Any:
+async def read_delimited_msg(stream: Any, msg_cls: Any) -> Any:
     message = await _upstream_read(stream, msg_cls)
     try:
         _on_message(stream, message)
@@ -314,24 +314,11 @@ async def _read_delimited_msg(stream: Any, msg_cls: Any) -> Any:
     return message
 
 
-async def _write_delimited_msg(stream: Any, message: Any) -> None:
+async def write_delimited_msg(stream: Any, message: Any) -> None:
     if isinstance(message, HopMessage) and message.type == HopMessage.CONNECT:
         with contextlib.suppress(Exception):  # only for the log line
             stream._peerup_circuit_peer = type(stream.muxed_conn.peer_id)(message.peer.id)
     await _upstream_write(stream, message)
-
-
-def read_relay_limits() -> None:
-    """Install the wrappers in relay/circuit_v2/transport.py and protocol.py (idempotent)."""
-    setattr(relay_transport, "read_delimited_msg", _read_delimited_msg)  # noqa: B010
-    setattr(relay_transport, "write_delimited_msg", _write_delimited_msg)  # noqa: B010
-    setattr(relay_protocol, "read_delimited_msg", _read_delimited_msg)  # noqa: B010
-
-
-def relay_limits_read() -> bool:
-    """Are the wrappers installed (in both modules)?"""
-    modules = (relay_transport, relay_protocol)
-    return all(getattr(m, "read_delimited_msg") is _read_delimited_msg for m in modules)  # noqa: B009
 
 
 # -- finding a connection's limit -----------------------------------------------------------------
@@ -402,8 +389,8 @@ __all__ = [
     "connection_limit",
     "connection_usage",
     "limit_from",
-    "read_relay_limits",
+    "read_delimited_msg",
     "relay_limits",
-    "relay_limits_read",
     "reservation_limit",
+    "write_delimited_msg",
 ]

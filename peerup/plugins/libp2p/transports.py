@@ -32,6 +32,8 @@ How a WebSocket connection reaches the rest of peerup (read from py-libp2p
   2. The HTTP upgrade runs before the gate, under trio-websocket's default
      60 s ``connect_timeout`` (listener.py:241 passes none): a silent socket
      held a task for a minute. It is bounded by ``limits.handshake_timeout``.
+  (Faults 1 and 2 are process-wide, installed by :mod:`.patches` as "websocket".)
+
   3. The dialing transport counts each dialed connection
      (transport.py:634-643, called at :731) and never uncounts it (``_untrack_connection`` has
      no caller): after ``max_connections`` (1000) dials over a node's life,
@@ -114,7 +116,7 @@ class PeerupWebsocketTransport(WebsocketTransport):
             self._current_connections -= 1
 
 
-def _ws_remote_address(self: P2PWebSocketConnection) -> tuple[str, int] | None:
+def ws_remote_address(self: P2PWebSocketConnection) -> tuple[str, int] | None:
     """(fault 1) The peer's IP and port, from trio-websocket's connection."""
     remote = getattr(self._ws_connection, "remote", None)
     address = getattr(remote, "address", None)
@@ -128,31 +130,21 @@ def _ws_remote_address(self: P2PWebSocketConnection) -> tuple[str, int] | None:
 _upstream_serve_websocket: Callable[..., Awaitable[Any]] = getattr(ws_listener, "serve_websocket")  # noqa: B009
 
 
-async def _serve_websocket_bounded(*args: Any, **kwargs: Any) -> Any:
+async def serve_websocket_bounded(*args: Any, **kwargs: Any) -> Any:
     """(fault 2) trio-websocket's server with the handshake and close bounded."""
     for name, value in _ws_bounds.items():
         kwargs.setdefault(name, value)
     return await _upstream_serve_websocket(*args, **kwargs)
 
 
-def patch_websocket_module() -> None:
-    """Faults 1 and 2, process-wide and idempotent (only WebSocket connections are touched)."""
-    P2PWebSocketConnection.get_remote_address = _ws_remote_address  # type: ignore[method-assign]
-    setattr(ws_listener, "serve_websocket", _serve_websocket_bounded)  # noqa: B010
-
-
-def websocket_patched() -> bool:
-    serving = getattr(ws_listener, "serve_websocket")  # noqa: B009
-    return serving is _serve_websocket_bounded and P2PWebSocketConnection.get_remote_address is _ws_remote_address
-
-
-def install(host: IHost, transports: Sequence[str], handshake_timeout: float = 5.0) -> None:
+def install(host: IHost, transports: Sequence[str], handshake_timeout: float = 5.0, uncount: bool = True) -> None:
     """Give ``host`` exactly the transports named (``"tcp"``, ``"ws"``); call before ``host.run``.
 
     ``new_host`` builds a TCP transport and the swarm's upgrader; the WebSocket
     transport is added to the same swarm with that upgrader (see the module
     docstring), and TCP is removed when it is not wanted (a ws-only node must
     not spend its dial budget on TCP addresses its network drops).
+    ``uncount`` False gives upstream's transport (fault 3 kept: patches.py, "websocket-uncount").
     """
     unknown = [name for name in transports if name not in KNOWN]
     if unknown:
@@ -161,8 +153,8 @@ def install(host: IHost, transports: Sequence[str], handshake_timeout: float = 5
     manager = swarm.transport_manager
     if "ws" in transports and not any(isinstance(t, WebsocketTransport) for t in manager.get_transports()):
         _ws_bounds["connect_timeout"] = _ws_bounds["disconnect_timeout"] = handshake_timeout
-        patch_websocket_module()
-        ws = PeerupWebsocketTransport(swarm.upgrader, WebsocketConfig(handshake_timeout=handshake_timeout))
+        kind = PeerupWebsocketTransport if uncount else WebsocketTransport
+        ws = kind(swarm.upgrader, WebsocketConfig(handshake_timeout=handshake_timeout))
         with contextlib.suppress(Exception):  # only AutoTLS reads it
             ws.set_peer_id(host.get_id())
         manager.add_transport(ws)
@@ -187,7 +179,7 @@ __all__ = [
     "check_listen_addr",
     "install",
     "listen_shape",
-    "patch_websocket_module",
+    "serve_websocket_bounded",
     "transport_names",
-    "websocket_patched",
+    "ws_remote_address",
 ]

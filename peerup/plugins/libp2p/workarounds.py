@@ -2,32 +2,26 @@
 
 Each entry names the upstream behaviour and where it lives in the installed
 package (``site-packages/libp2p/...``), so that when the pinned version changes
-someone can re-check them one by one. Each has a test in
-``tests/test_libp2p_workarounds.py`` that shows why it exists; see also
-``docs/libp2p-workarounds.md`` and ``/work/shared/LIBP2P-NOTES.md``.
+someone can re-check them one by one. Each has its test named
+in :mod:`.patches` and ``docs/libp2p-workarounds.md``.
 
-Process-wide patches (DHT protocol id, yamux window wait, log filters) are
-applied by :func:`apply_global_workarounds`, idempotently, when the plugin is
-loaded. Per-host ones are small helpers called by :mod:`.node`.
+What is applied, when, and how each is switched off is :mod:`.patches`, the
+registry; this module only holds the pieces (per-host helpers called by
+:mod:`.node`, the log filters and the DHT protocol id the registry installs).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
+import socket
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import Any
 
 import multiaddr
 import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
-from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.relay.circuit_v2.resources import RelayResourceManager
-
-from peerup.plugins.libp2p import fastpath, relay_circuits
 
 log = logging.getLogger("peerup.libp2p.workarounds")
 
@@ -39,24 +33,13 @@ UPSTREAM_KAD_PROTOCOL = "/ipfs/kad/1.0.0"
 # modules import it *by name*; KadDHT(protocol_prefix=...) is ignored on the wire.
 # routing_table.py:533 re-imports it from .common at call time, so common itself
 # is patched too.
-_KAD_MODULES = (
+KAD_MODULES = (
     "libp2p.kad_dht.common",
     "libp2p.kad_dht.kad_dht",
     "libp2p.kad_dht.peer_routing",
     "libp2p.kad_dht.provider_store",
     "libp2p.kad_dht.value_store",
 )
-
-
-def use_private_dht_protocol(protocol: str = PEERUP_KAD_PROTOCOL) -> None:
-    """(a) Speak ``protocol`` instead of ``/ipfs/kad/1.0.0`` in every KadDHT (process-wide).
-
-    Upstream: kad_dht/common.py:14 ``PROTOCOL_ID`` is imported by name into
-    kad_dht.py:69, peer_routing.py:31, provider_store.py:44, value_store.py:35,
-    and ``protocol_prefix=`` does not reach the wire. Idempotent.
-    """
-    for name in _KAD_MODULES:
-        setattr(importlib.import_module(name), "PROTOCOL_ID", TProtocol(protocol))  # noqa: B010
 
 
 def kad_protocol_in_use() -> str:
@@ -232,50 +215,6 @@ def advertise_addrs(host: IHost, addrs: Callable[[], Sequence[str]]) -> None:
     host.get_addrs = get_addrs  # type: ignore[method-assign]
 
 
-# (e) stream_muxer/yamux/yamux.py:280-288: YamuxStream.write waits at most 5 s
-# (trio.move_on_after(5.0)) for a window update, then raises MuxedStreamError and
-# the stream is reset. Through a relay the relay's write to a slow reader's stream
-# hits this, so a reader that pauses >5 s (paused terminal, slow disk) kills the
-# circuit. We hand yamux a ``trio`` whose move_on_after(5.0), called from
-# YamuxStream.write only, has no deadline: the wait still polls ``closed`` every
-# 10 ms and is still cancellable by the caller's scope.
-class _YamuxTrio(ModuleType):
-    """``trio`` as seen by yamux.py, minus the 5 s window-update deadline."""
-
-    def __init__(self) -> None:
-        super().__init__("trio")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(trio, name)
-
-    @staticmethod
-    def move_on_after(seconds: float, *, shield: bool = False) -> trio.CancelScope:
-        caller = sys._getframe(1).f_code
-        if seconds == YAMUX_WINDOW_WAIT and caller.co_name == "write":
-            return trio.CancelScope(shield=shield)
-        scope = trio.move_on_after(seconds)
-        scope.shield = shield
-        return scope
-
-
-#: The hard-coded wait at stream_muxer/yamux/yamux.py:280.
-YAMUX_WINDOW_WAIT = 5.0
-
-
-def unbounded_yamux_window_wait() -> None:
-    """(e) Let a yamux writer wait for a slow reader's window update without the 5 s cap."""
-    from libp2p.stream_muxer.yamux import yamux
-
-    if not isinstance(getattr(yamux, "trio"), _YamuxTrio):  # noqa: B009
-        setattr(yamux, "trio", _YamuxTrio())  # noqa: B010 - not re-exported for mypy
-
-
-def yamux_window_wait_patched() -> bool:
-    from libp2p.stream_muxer.yamux import yamux
-
-    return isinstance(getattr(yamux, "trio"), _YamuxTrio)  # noqa: B009
-
-
 # (f) Shutdown: leaving host.run() does not close the TCP listener (the cleanup
 # in network/swarm.py:420-466 runs in a cancelled scope; the listener is a system
 # task, transport/tcp/tcp.py:303), so the port keeps accepting. Calling
@@ -313,7 +252,47 @@ async def close_host(host: IHost) -> None:
         await host.close()
 
 
-class _DemoteNoise(logging.Filter):
+# (x) transport/tcp/tcp.py:122-168 _open_tcp_stream_from (a dial bound to the
+# listen port, for hole punching) closes its socket when bind() or connect()
+# raises OSError, not when the dial is cancelled there: every punch round
+# cancels its other dials once one got through (holepunch.py), and each left
+# an unclosed socket to the garbage collector (a ResourceWarning per socket).
+# Same steps, same fallback, and the socket closed on any exit.
+async def open_tcp_stream_from(host: str, port: int, source: tuple[str, int]) -> trio.SocketStream:
+    """(x) Upstream's source-bound TCP dial, closing its socket also when cancelled."""
+    from libp2p.transport.exceptions import OpenConnectionError
+    from libp2p.transport.tcp import tcp
+
+    src_ip, src_port = source
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    if (":" in src_ip) != (":" in host):
+        raise OpenConnectionError(f"Source/destination IP family mismatch: {src_ip} vs {host}")
+    try:
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise OpenConnectionError(f"Failed to create TCP socket: {e}") from e
+    try:
+        tcp._set_reuse_flags(sock)
+        try:
+            await sock.bind((src_ip, src_port))
+        except OSError as e:
+            log.debug("hole-punch source bind %s:%d failed (%s); using an ephemeral source", src_ip, src_port, e)
+            sock.close()
+            try:
+                return await trio.open_tcp_stream(host, port)
+            except OSError as conn_e:
+                raise OpenConnectionError(f"Failed to connect {host}:{port}: {conn_e}") from conn_e
+        try:
+            await sock.connect((host, port))
+        except OSError as e:
+            raise OpenConnectionError(f"Failed to connect {host}:{port} from {src_ip}:{src_port}: {e}") from e
+        return trio.SocketStream(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+class DemoteNoise(logging.Filter):
     """(g) Demote known-harmless upstream log records to DEBUG.
 
     Upstream: relay/circuit_v2/protocol.py:351 logs an ERROR "Error reading from
@@ -336,7 +315,7 @@ class _DemoteNoise(logging.Filter):
         return True
 
 
-_NOISE = {
+NOISE = {
     # protocol.py:351 after every RESERVE; 291, 385, 959 when a circuit ends by reset.
     "libp2p.relay.circuit_v2.protocol": (
         "Error reading from hop stream",
@@ -360,38 +339,12 @@ _NOISE = {
 }
 
 
-def quiet_known_noise() -> None:
-    """(g) Install the log filters above (idempotent)."""
-    for name, prefixes in _NOISE.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DemoteNoise) for f in logger.filters):
-            logger.addFilter(_DemoteNoise(prefixes))
-
-
-def no_happy_eyeballs_delay() -> None:
-    """(b) Dial a peer's addresses in parallel instead of waiting 250 ms after each (process-wide)."""
-    from libp2p.network import swarm
-
-    setattr(swarm, "_HAPPY_EYEBALLS_DELAY", 0.0)  # noqa: B010 - not re-exported for mypy
-
-
-def apply_global_workarounds() -> None:
-    """Apply the process-wide workarounds (a), (b), (e), (g) and the data-path fixes; idempotent."""
-    use_private_dht_protocol()
-    no_happy_eyeballs_delay()
-    unbounded_yamux_window_wait()
-    relay_circuits.use_peerup_relay_pump()
-    quiet_known_noise()
-    fastpath.apply()  # Noise/yamux throughput fixes, see fastpath.py
-    from peerup.plugins.libp2p.relay_limit import read_relay_limits  # issue #12.6: a relay's limit, read
-
-    read_relay_limits()
-
-
 __all__ = [
+    "KAD_MODULES",
+    "NOISE",
     "PEERUP_KAD_PROTOCOL",
+    "DemoteNoise",
     "advertise_addrs",
-    "apply_global_workarounds",
     "close_host",
     "connection_config",
     "dial_for_real",
@@ -399,10 +352,7 @@ __all__ = [
     "drop_resource_manager",
     "hide_unspecified_addrs",
     "kad_protocol_in_use",
-    "quiet_known_noise",
+    "open_tcp_stream_from",
     "release_reservations_on_disconnect",
     "single_dial_attempt",
-    "unbounded_yamux_window_wait",
-    "use_private_dht_protocol",
-    "yamux_window_wait_patched",
 ]

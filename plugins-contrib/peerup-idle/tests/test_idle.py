@@ -24,7 +24,7 @@ from peerup.core.runtime import Runtime
 from peerup.core.settings import ProxySettings, Settings
 from peerup.testing import echo_handler, make_settings, read_all, relay, tcp_service
 
-from peerup_idle import Counters, IdlePlugin
+from peerup_idle import Counters, IdlePlugin, IdleSettings
 
 IDLE = 0.6
 
@@ -66,10 +66,9 @@ async def test_idle_timeout_closes_an_idle_tunnel_and_leaves_active_ones_alone(t
             plugin={"idle": {"timeouts": {"batch": IDLE}}},
             **open_to_all(),
         ) as (server_rt, server),
-        node(tmp_path / "client", relay_addr, plugins=["idle"], disable_plugins=["proxy"]) as (client_rt, client),
+        node(tmp_path / "client", relay_addr, plugins=["idle"]) as (client_rt, client),
         anyio.create_task_group() as proxies,
     ):
-        assert "proxy" not in client_rt.plugins.plugin_names()  # the wrapper needs no registered built-in
         ports = {
             name: await proxies.start(
                 client_rt.serve_proxy, client, ProxySettings(peer=server.peer_id, service=name, port=0), proxies
@@ -148,7 +147,7 @@ def test_section_from_environment_and_bad_values_fail_at_startup(
     monkeypatch.setenv("PEERUP_PLUGIN__IDLE__TIMEOUTS__DB", "60")
     from peerup.core.settings import load_settings
 
-    assert IdlePlugin().section(load_settings(tmp_path)).timeouts == {"llm": 300.0, "db": 60.0}
+    assert load_settings(tmp_path).plugin_settings(IdleSettings).timeouts == {"llm": 300.0, "db": 60.0}
 
     monkeypatch.setenv("PEERUP_PLUGIN__IDLE__TIMEOUTS__DB", "0")
     result = _cli(tmp_path, "run", "--plugin", "idle")
@@ -162,7 +161,7 @@ def test_section_from_environment_and_bad_values_fail_at_startup(
 def test_listed_by_peerup_plugins(tmp_path: Path) -> None:
     rows = {row.name: row for row in describe_plugins(["idle"], ["proxy"])}
     assert (rows["idle"].distribution, rows["idle"].active, rows["proxy"].active) == ("peerup-idle", True, False)
-    assert set(rows["idle"].hooks) == {"configure", "proxy_stream"}
+    assert set(rows["idle"].hooks) == {"proxy_stream"}
     listing = _cli(tmp_path, "plugins", "--plugin", "idle")
     assert listing.returncode == 0, listing.stderr
     row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("idle "))

@@ -209,7 +209,7 @@ def test_listed_by_peerup_plugins_and_selected_by_flag(tmp_path: Path) -> None:
     rows = {row.name: row for row in describe_plugins()}
     assert rows["jitter"].distribution == "peerup-jitter"
     assert not rows["jitter"].active
-    assert set(rows["jitter"].hooks) == {"configure", "retry_policy"}
+    assert set(rows["jitter"].hooks) == {"retry_policy"}
 
     listing = _cli(tmp_path, "plugins", "--plugin", "jitter", "--disable-plugin", "backoff")
     assert listing.returncode == 0, listing.stderr

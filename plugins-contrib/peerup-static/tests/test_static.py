@@ -81,6 +81,28 @@ async def test_static_table_reaches_a_peer_that_no_relay_or_dht_knows(tmp_path: 
     assert path == "direct"
 
 
+async def test_a_table_key_with_the_peer_id_in_its_address_is_a_name_for_proxy(tmp_path: Path) -> None:
+    """A hosts-file style entry, no [peers] line: ``nas = ".../p2p/ID"`` makes ``nas`` a peer name."""
+    async with (
+        tcp_service(echo_handler) as service,
+        node(tmp_path / "server", services={"svc": {"address": service}}, **open_to_all()) as (_, server),
+    ):
+        direct = [a for a in server.listen_addrs() if "/p2p-circuit" not in a]
+        section = {"static": {"peers": {"nas": direct[0]}}}
+        async with node(tmp_path / "client", plugin=section, plugins=["static"]) as (runtime, client):
+            assert runtime.peer_id(client, "nas") == server.peer_id
+            with anyio.fail_after(10):
+                stream = await runtime.open_service_stream(client, "nas", "svc")
+                async with stream:
+                    await stream.send(b"by name")
+                    await stream.send_eof()
+                    assert await read_all(stream) == b"by name"
+        # Without the plugin the name means nothing: one line, before any dial.
+        async with node(tmp_path / "plain", plugin=section) as (runtime, client):
+            with pytest.raises(ConfigError, match=r"^peer 'nas' is neither a name in \[peers\]"):
+                runtime.peer_id(client, "nas")
+
+
 async def test_table_is_reread_unknown_peers_pass_and_bad_keys_are_one_line(tmp_path: Path) -> None:
     table = tmp_path / "client" / "peers.toml"  # the default file, in the home
     async with node(tmp_path / "client", plugins=["static"]) as (runtime, client):
@@ -93,7 +115,9 @@ async def test_table_is_reread_unknown_peers_pass_and_bad_keys_are_one_line(tmp_
         table.write_text(f'[peers]\n"{other}" = ["/ip4/10.0.0.8/tcp/4001", "/ip4/10.0.0.9/tcp/4001"]\n')
         assert len(plugin.lookup(runtime.settings, client, other)) == 2  # edited: re-read, no restart
         table.write_text('[peers]\nnobody = "/ip4/10.0.0.7/tcp/4001"\n')
-        with pytest.raises(ConfigError, match=r"^static peer table: 'nobody' is neither a name in \[peers\] nor a"):
+        with pytest.raises(
+            ConfigError, match=r"^static peer table: 'nobody' is neither a name in \[peers\], nor a peer ID"
+        ):
             plugin.lookup(runtime.settings, client, other)
 
 
@@ -129,7 +153,7 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_listed_by_peerup_plugins(tmp_path: Path) -> None:
     rows = {row.name: row for row in describe_plugins(["static"])}
     assert (rows["static"].distribution, rows["static"].active) == ("peerup-static", True)
-    assert set(rows["static"].hooks) == {"configure", "discover_peer"}
+    assert set(rows["static"].hooks) == {"configure", "discover_peer", "resolve_name"}
     listing = _cli(tmp_path, "plugins")
     assert listing.returncode == 0, listing.stderr
     row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("static "))

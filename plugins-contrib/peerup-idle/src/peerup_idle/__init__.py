@@ -8,9 +8,10 @@ the timeout named for that service, and only those; interactive services are
 left alone unless listed. It also counts connections and bytes per service, so
 an operator can see who uses what.
 
-It does not copy bytes itself: it wraps both streams to watch them and hands
-them to the built-in ``proxy_stream`` (half-close, error handling), which it
-calls directly, so it works even with ``--disable-plugin proxy``.
+It does not copy bytes itself: it is a pluggy wrapper around ``proxy_stream``
+and hands whichever plugin carries the bytes (the built-in half-close proxy,
+or its replacement) streams that report every byte, through
+``Answer.call(local=..., remote=...)``. It imports no other plugin.
 
 Settings, ``[plugin.idle]``::
 
@@ -24,16 +25,17 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import anyio
 from anyio.abc import ByteStream
+from peerup.core.hookcall import Answer
 from peerup.core.hookspecs import hookimpl
-from peerup.core.settings import ServiceSettings, Settings, plugin_section
-from peerup.plugins.proxy import proxy_stream as builtin_proxy_stream
-from pydantic import BaseModel, ConfigDict, Field
+from peerup.core.settings import PluginSettings, ServiceSettings, Settings
+from peerup.core.streams import abort
+from pydantic import Field
 
 __all__ = ["Counters", "IdlePlugin", "IdleSettings"]
 
@@ -44,10 +46,10 @@ SECTION = "idle"
 OUTBOUND = "outbound"
 
 
-class IdleSettings(BaseModel):
+class IdleSettings(PluginSettings):
     """``[plugin.idle]``."""
 
-    model_config = ConfigDict(extra="forbid")
+    section = SECTION
 
     timeouts: dict[str, Annotated[float, Field(gt=0)]] = Field(
         {}, description="service name -> idle seconds; unlisted = no idle timeout"
@@ -99,6 +101,8 @@ class _Watched(ByteStream):
 class IdlePlugin:
     """The ``idle`` entry point; one per process, holding the counters."""
 
+    settings_model = IdleSettings
+
     def __init__(self) -> None:
         self._counters: defaultdict[str, Counters] = defaultdict(Counters)
 
@@ -106,19 +110,22 @@ class IdlePlugin:
         """A snapshot: service name (or ``outbound``) -> totals."""
         return {key: replace(value) for key, value in self._counters.items()}
 
-    def section(self, settings: Settings) -> IdleSettings:
-        return plugin_section(settings, SECTION, IdleSettings)
-
-    @hookimpl
-    def configure(self, settings: Settings) -> None:
-        """Check ``[plugin.idle]`` at startup, so a typo fails fast."""
-        self.section(settings)
-
-    @hookimpl
-    async def proxy_stream(
+    @hookimpl(wrapper=True)
+    def proxy_stream(
         self, local: ByteStream, remote: ByteStream, settings: Settings, service: ServiceSettings | None
-    ) -> bool:
-        idle = self.section(settings).timeout_for(service)
+    ) -> Generator[None, Answer[bool], Awaitable[bool | None]]:
+        carriers = yield
+        return self._watched(carriers, local, remote, settings, service)
+
+    async def _watched(
+        self,
+        carriers: Answer[bool],
+        local: ByteStream,
+        remote: ByteStream,
+        settings: Settings,
+        service: ServiceSettings | None,
+    ) -> bool | None:
+        idle = settings.plugin_settings(IdleSettings).timeout_for(service)
         key = service.name if service is not None else OUTBOUND
         total = self._counters[key]
         total.connections += 1
@@ -140,15 +147,20 @@ class IdlePlugin:
         watched_local = _Watched(local, received(up, "bytes_up"), touched)
         watched_remote = _Watched(remote, received(down, "bytes_down"), touched)
         outcome = "closed"
+        handled: bool | None = None
         try:
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
                     if idle is not None:
                         tg.start_soon(_watch_idle, idle, last, scope)
-                    await builtin_proxy_stream(watched_local, watched_remote, settings, service)
+                    handled = await carriers.call(local=watched_local, remote=watched_remote)
                     tg.cancel_scope.cancel()
             if scope.cancelled_caught:
-                # The built-in closed both streams on its way out (its finally is shielded).
+                # The built-in proxy aborted both streams on its way out; a replacement
+                # might not have, and a tunnel cut for idleness must not stay half-open.
+                with anyio.CancelScope(shield=True):
+                    await abort(local)
+                    await abort(remote)
                 outcome = f"closed after {idle:g} s idle"
                 total.idle_closed += 1
         finally:
@@ -165,7 +177,7 @@ class IdlePlugin:
             total.bytes_up,
             total.bytes_down,
         )
-        return True
+        return True if scope.cancelled_caught else handled
 
 
 async def _watch_idle(idle: float, last: list[float], scope: anyio.CancelScope) -> None:

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from peerup.core.hookspecs import hookimpl
-from peerup.core.settings import ServiceSettings, Settings, plugin_section
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from peerup.core.settings import PluginSettings, ServiceSettings, Settings
+from pydantic import Field, model_validator
 
 __all__ = ["DecorrelatedJitter", "JitterPlugin", "JitterSettings", "RetryBudget"]
 
@@ -32,7 +32,7 @@ log = logging.getLogger("peerup.jitter")
 SECTION = "jitter"
 
 
-class JitterSettings(BaseModel):
+class JitterSettings(PluginSettings):
     """``[plugin.jitter]``. Unset ``retries``/``base``/``cap`` follow peerup's ``[retry]``.
 
     Following ``[retry]`` by default means swapping the plugin in keeps a
@@ -40,7 +40,7 @@ class JitterSettings(BaseModel):
     the spacing.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    section = SECTION
 
     retries: int | None = Field(None, ge=0, le=1000, description="retries per operation; default retry.retries")
     base: float | None = Field(None, gt=0, description="smallest delay; default retry.initial")
@@ -122,28 +122,21 @@ class DecorrelatedJitter:
 class JitterPlugin:
     """The ``jitter`` entry point; peerup makes one per process, so the budget is per process."""
 
+    settings_model = JitterSettings
+
     def __init__(self) -> None:
         self._settings: JitterSettings | None = None
         self._budget: RetryBudget | None = None
         self._rng = random.Random()
 
     def section(self, settings: Settings) -> JitterSettings:
-        """Validate ``[plugin.jitter]`` once; a changed section gets a fresh budget."""
-        section = plugin_section(settings, SECTION, JitterSettings)
+        """The typed ``[plugin.jitter]`` (peerup validated it at start); a changed section gets a fresh budget."""
+        section = settings.plugin_settings(JitterSettings)
         if section != self._settings:
             self._settings = section
             self._budget = RetryBudget(section.budget, section.budget_refill)
             self._rng = random.Random(section.seed)
         return section
-
-    @hookimpl
-    def configure(self, settings: Settings) -> None:
-        """Check ``[plugin.jitter]`` at startup, so a typo fails fast.
-
-        Without this the first error would appear at the first connection, as a
-        log line, long after ``peerup run`` seemed to start fine.
-        """
-        self.section(settings)
 
     @hookimpl
     def retry_policy(self, settings: Settings, service: ServiceSettings | None) -> DecorrelatedJitter:

@@ -13,6 +13,10 @@ says otherwise)::
     [peers]
     home = ["/ip4/192.168.1.20/tcp/4001"]          # a name from [peers] ...
     "12D3KooW..." = "/ip4/10.0.0.7/tcp/4001"        # ... or a peer ID; one address or a list
+    nas = "/ip4/192.168.1.9/tcp/4001/p2p/12D3KooW..." # ... or a new name: addresses end in the ID
+
+A key of the third kind is also served as a peer name (``resolve_name``), so
+``peerup proxy nas ssh 2222`` works without a ``[peers]`` entry.
 
 It is re-read when it changes, so adding a peer needs no restart.
 """
@@ -29,7 +33,7 @@ from typing import Annotated
 from peerup.core.errors import ConfigError
 from peerup.core.hookspecs import hookimpl
 from peerup.core.node import Node, PeerRecord
-from peerup.core.settings import Settings, plugin_section
+from peerup.core.settings import PluginSettings, Settings
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 __all__ = ["StaticPlugin", "StaticSettings"]
@@ -56,10 +60,10 @@ def _check_addrs(addrs: list[str]) -> list[str]:
 Addrs = Annotated[list[str], BeforeValidator(_addr_list), AfterValidator(_check_addrs)]
 
 
-class StaticSettings(BaseModel):
+class StaticSettings(PluginSettings):
     """``[plugin.static]``: where the table is, plus peers written inline."""
 
-    model_config = ConfigDict(extra="forbid")
+    section = SECTION
 
     file: Path | None = Field(None, description="the table; relative to the peerup home; default peers.toml")
     peers: dict[str, Addrs] = Field({}, description="inline entries, same shape as the file's [peers]")
@@ -81,12 +85,14 @@ class _Loaded:
 class StaticPlugin:
     """The ``static`` entry point; keeps the parsed table and re-reads it when the file changes."""
 
+    settings_model = StaticSettings
+
     def __init__(self) -> None:
         self._loaded: _Loaded | None = None
 
     def table(self, settings: Settings) -> dict[str, list[str]]:
         """Raw entries (keys as written), inline ones first overridden by the file's."""
-        section = plugin_section(settings, SECTION, StaticSettings)
+        section = settings.plugin_settings(StaticSettings)
         explicit = section.file is not None
         path = settings.home / (section.file or DEFAULT_FILE)
         try:
@@ -109,13 +115,28 @@ class StaticPlugin:
             try:
                 listed = node.parse_peer_id(settings.resolve_peer(key))
             except ValueError as exc:
-                raise ConfigError(
-                    f"static peer table: {key!r} is neither a name in [peers] nor a peer ID ({exc})"
-                ) from exc
+                named = _peer_in(addrs)
+                if named is None:
+                    raise ConfigError(
+                        f"static peer table: {key!r} is neither a name in [peers], nor a peer ID, "
+                        f"nor a name whose addresses end in /p2p/PEER_ID ({exc})"
+                    ) from exc
+                listed = node.parse_peer_id(named)
             if listed == peer_id:
                 suffix = f"/p2p/{peer_id}"
                 return [a if a.endswith(suffix) else a.rstrip("/") + suffix for a in addrs]
         return []
+
+    @hookimpl
+    def resolve_name(self, name: str, settings: Settings) -> str | None:
+        """A table key whose addresses all name one peer (``.../p2p/ID``) is a name for it.
+
+        So a hosts-file style table needs no ``[peers]`` entry as well:
+        ``nas = "/ip4/192.168.1.9/tcp/4001/p2p/12D3KooW..."`` makes
+        ``peerup proxy nas ssh 2222`` work.
+        """
+        addrs = self.table(settings).get(name)
+        return None if addrs is None else _peer_in(addrs)
 
     @hookimpl
     def configure(self, settings: Settings) -> None:
@@ -129,6 +150,12 @@ class StaticPlugin:
             return None  # not ours: the next plugin (the DHT) is asked
         log.info("peer %s: %d address(es) from the static table", peer_id, len(addrs))
         return PeerRecord(peer_id, tuple(addrs), source="static")
+
+
+def _peer_in(addrs: list[str]) -> str | None:
+    """The peer ID every address ends with, if they all name the same one."""
+    ids = {addr.rstrip("/").rpartition("/p2p/")[2] if "/p2p/" in addr else "" for addr in addrs}
+    return ids.pop() if len(ids) == 1 and "" not in ids else None
 
 
 def _read(path: Path) -> dict[str, list[str]]:

@@ -1,0 +1,1 @@
+"""``peerup daemon``: the long-running node, its control API, metrics and systemd integration."""
