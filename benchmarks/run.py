@@ -1110,7 +1110,7 @@ Load average (1, 5, 15 min) at the start {_loadavg(m.get("loadavg_at_start"))}, 
 
 
 def _measured_elsewhere() -> str:
-    """The NAT and churn sections, from the results their own commands wrote (root / long runs)."""
+    """The NAT, small-message and churn sections, from the results their own commands wrote."""
     text = ""
     nat_file = ROOT / "benchmarks" / "results" / "nat.json"
     if nat_file.exists():
@@ -1126,6 +1126,18 @@ def _measured_elsewhere() -> str:
             "Targets: cone/cone 20 of 20 with the median under 2 s; no failed tunnel anywhere.\n\n"
             + nat_table(nat["rows"])
             + "\n"
+        )
+    rpc_file = ROOT / "benchmarks" / "results" / "rpc.json"
+    if rpc_file.exists():
+        from benchmarks.rpc import table as rpc_table
+
+        rpc = json.loads(rpc_file.read_text())
+        text += (
+            f"\n### Many small messages (`{rpc['command']}`, {rpc['when']})\n\n"
+            "64-byte request/response, each answer verified, 1 client or 20 at once on their own connections; "
+            "medians of alternating rounds, peerup as shipped and with `PEERUP_PATCHES_OFF=yamux-group-commit` "
+            "started afresh in the same run. Targets (issue #16): 20 clients >= 5,000 req/s relayed and "
+            ">= 10,000 direct.\n\n" + rpc_table(rpc) + "\n"
         )
     churn_file = ROOT / "benchmarks" / "results" / "churn.json"
     if churn_file.exists():

@@ -212,3 +212,55 @@ async def test_small_reads_send_no_window_updates(tmp_path: Path) -> None:
                 await stream.write(b"y")
             await done.wait()
         assert updates == []
+
+
+async def test_frames_queued_behind_a_write_go_out_together(tmp_path: Path) -> None:
+    """(8) 20 streams sending small messages at once: frames that waited for the connection share a send.
+
+    Upstream encrypted and sent each yamux frame on its own, so the CPU per
+    message grew with the number of messages, not with the bytes. Every byte
+    must still arrive, in order, on its own stream.
+    """
+    streams, messages = 20, 50
+    a_settings, b_settings = await _pair(tmp_path)
+    async with open_libp2p_node(a_settings, "node") as a, open_libp2p_node(b_settings, "node") as b:
+        received: dict[int, bytes] = {}
+        all_in = trio.Event()
+
+        async def handler(stream) -> None:  # type: ignore[no-untyped-def]
+            data = b""
+            while len(data) < 64 * messages:
+                chunk = await stream.read(65536)
+                assert chunk, "stream ended early"
+                data += chunk
+            received[data[0]] = data
+            if len(received) == streams:
+                all_in.set()
+            await stream.close()
+
+        a.host.set_stream_handler(PROTOCOL, handler)
+        assert await b._connect_direct(a.host.get_id(), a.direct_addrs()[0]) is None
+        opened = [await b.host.new_stream(a.host.get_id(), [PROTOCOL]) for _ in range(streams)]
+        secured = _yamux_of(b, a).secured_conn
+        writes: list[int] = []
+        original = secured.write
+
+        async def counting(data: bytes) -> None:
+            writes.append(len(data))
+            await original(data)
+
+        secured.write = counting  # type: ignore[method-assign]
+
+        async def send(index: int, stream) -> None:  # type: ignore[no-untyped-def]
+            for _ in range(messages):
+                await stream.write(bytes([index]) * 64)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for index, stream in enumerate(opened):
+                    nursery.start_soon(send, index, stream)
+            secured.write = original  # type: ignore[method-assign]
+            await all_in.wait()
+    assert received == {i: bytes([i]) * 64 * messages for i in range(streams)}
+    frames = streams * messages
+    assert len(writes) <= frames // 2, f"{len(writes)} secure writes for {frames} frames"

@@ -623,6 +623,7 @@ async def open_libp2p_node(
                 max_window=limits.max_stream_window,
                 window_growth=limits.window_growth_per_connection,
                 max_buffered=limits.max_buffered,
+                group_commit=patches.enabled("yamux-group-commit"),
             ),
         )
     gate: InboundGate | None = None

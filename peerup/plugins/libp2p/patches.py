@@ -314,6 +314,14 @@ REGISTRY: tuple[Patch, ...] = (
         "tests/test_hostile.py::test_window_ignoring_flood_is_cut_off_and_memory_stays_bounded",
     ),
     Patch(
+        "yamux-group-commit",
+        "8",
+        "host",
+        ("libp2p/stream_muxer/yamux/yamux.py:850",),
+        "one Noise message and one send() per yamux frame, also when frames of many streams wait for the connection",
+        _F + "test_frames_queued_behind_a_write_go_out_together",
+    ),
+    Patch(
         "noise-read",
         "1",
         "process",
