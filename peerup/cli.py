@@ -272,7 +272,7 @@ def _proxy_settings(where: str, **values: Any) -> ProxySettings:
         raise ConfigError(f"{where}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from exc
 
 
-def _check_peer(settings: Settings, text: str) -> None:
+def _check_peer(plugins: PluginHost, settings: Settings, text: str) -> None:
     """Refuse a peer that is neither a ``[peers]`` name nor a peer ID, before any node starts.
 
     The runtime checks it again once its node is up; checking here spares the
@@ -280,7 +280,7 @@ def _check_peer(settings: Settings, text: str) -> None:
     matters. Names and IDs are checked by the active plugins' ``resolve_name``
     and ``parse_peer_id``, exactly as the runtime will.
     """
-    names.peer_id(_plugins(settings), settings, text)
+    names.peer_id(plugins, settings, text)
 
 
 def _setup_logging(settings: Settings | None, verbose: int, explicit: str | None) -> None:
@@ -415,13 +415,13 @@ async def _relay(settings: Settings) -> None:
             await serve_relay_extras(runtime, node, _out)  # metrics, /healthz, sd_notify; until cancelled
 
 
-async def _run(settings: Settings, services: bool, proxies: list[ProxySettings]) -> None:
+async def _run(settings: Settings, plugins: PluginHost, services: bool, proxies: list[ProxySettings]) -> None:
     """Serve and/or proxy until SIGINT/SIGTERM, then drain open tunnels for a bounded time.
 
     The first signal cancels only ``accepting`` (listeners close, no new
     connections); the node and open tunnels live on for ``timeouts.drain``.
     """
-    runtime = Runtime(settings, _plugins(settings))
+    runtime = Runtime(settings, plugins)
     accepting = anyio.CancelScope()
     async with stop_on_signals(accepting), runtime.node() as node, anyio.create_task_group() as tunnels:
         with accepting:
@@ -447,10 +447,12 @@ async def _run(settings: Settings, services: bool, proxies: list[ProxySettings])
         tunnels.cancel_scope.cancel()
 
 
-async def _ping(settings: Settings, peer: str, count: int, interval: float, as_json: bool = False) -> int:
+async def _ping(
+    settings: Settings, plugins: PluginHost, peer: str, count: int, interval: float, as_json: bool = False
+) -> int:
+    runtime = Runtime(settings, plugins)
     if as_json:
-        return await _ping_json(settings, peer, count, interval)
-    runtime = Runtime(settings, _plugins(settings))
+        return await _ping_json(runtime, peer, count, interval)
     async with runtime.node() as node:
         last: list[str] = []
 
@@ -469,10 +471,9 @@ async def _ping(settings: Settings, peer: str, count: int, interval: float, as_j
         return 0 if stats.received else 1
 
 
-async def _ping_json(settings: Settings, peer: str, count: int, interval: float) -> int:
+async def _ping_json(runtime: Runtime, peer: str, count: int, interval: float) -> int:
     import json
 
-    runtime = Runtime(settings, _plugins(settings))
     async with runtime.node() as node:
         stats = await runtime.ping(node, peer, count, interval)
     _out(json.dumps(stats.as_json(peer)))
@@ -543,21 +544,24 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, setting
         anyio.run(_relay, settings, backend="trio")
         return 0
     if command == "serve":
-        anyio.run(_run, settings, True, [], backend="trio")
+        anyio.run(_run, settings, _plugins(settings), True, [], backend="trio")
         return 0
     if command == "run":
+        plugins = _plugins(settings)  # loaded once: the peer checks and the node use the same host
         for forward in settings.proxies:
-            _check_peer(settings, forward.peer)
-        anyio.run(_run, settings, True, list(settings.proxies), backend="trio")
+            _check_peer(plugins, settings, forward.peer)
+        anyio.run(_run, settings, plugins, True, list(settings.proxies), backend="trio")
         return 0
     if command == "proxy":
-        _check_peer(settings, args.peer)
+        plugins = _plugins(settings)
+        _check_peer(plugins, settings, args.peer)
         proxy = _proxy_settings("proxy SERVICE", peer=args.peer, service=args.service, port=args.port, bind=args.bind)
-        anyio.run(_run, settings, False, [proxy], backend="trio")
+        anyio.run(_run, settings, plugins, False, [proxy], backend="trio")
         return 0
     if command == "ping":
-        _check_peer(settings, args.peer)
-        code: int = anyio.run(_ping, settings, args.peer, args.count, args.interval, args.json, backend="trio")
+        plugins = _plugins(settings)
+        _check_peer(plugins, settings, args.peer)
+        code: int = anyio.run(_ping, settings, plugins, args.peer, args.count, args.interval, args.json, backend="trio")
         return code
     if command in pairing_commands.COMMANDS:
         return pairing_commands.run(command, args, settings, _out)

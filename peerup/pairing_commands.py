@@ -22,14 +22,13 @@ from peerup.core import auth, names
 from peerup.core.errors import ConfigError, IdentityError, PeerupError
 from peerup.core.pairing import (
     InviteCode,
+    check_invite,
     check_name,
     check_name_free,
-    check_services,
     parse_duration,
-    parse_expiry,
     verification_string,
 )
-from peerup.core.plugins import load_plugins
+from peerup.core.plugins import PluginHost, load_plugins
 from peerup.core.runtime import Runtime
 from peerup.core.settings import Settings
 
@@ -75,8 +74,11 @@ def run(command: str, args: argparse.Namespace, settings: Settings, out: Out) ->
     return _verify(args, settings, out)
 
 
-def _ensure_identity(settings: Settings, out: Out) -> None:
-    """One command on each side: a fresh machine gets its key on first ``invite``/``join``."""
+def _ensure_identity(settings: Settings, out: Out) -> PluginHost:
+    """One command on each side: a fresh machine gets its key on first ``invite``/``join``.
+
+    Returns the plugin host it loaded, for the node the command then runs.
+    """
     plugins = load_plugins(settings.plugins, settings.disable_plugins)
     try:
         plugins.identity(settings.home, "load")
@@ -86,20 +88,14 @@ def _ensure_identity(settings: Settings, out: Out) -> None:
         except IdentityError:
             raise missing from None  # there is a key, and what is wrong with it is the news
         out(f"created identity {peer_id} in {settings.home}")
+    return plugins
 
 
 def _invite(args: argparse.Namespace, settings: Settings, out: Out) -> int:
     ttl = parse_duration(args.ttl, "--ttl")
-    name = check_name(args.name) if args.name else None
-    if name:
-        check_name_free(settings, name)
-    services = check_services(settings, args.grant)
-    expires = parse_expiry(args.expires)
-    if not settings.relays:
-        raise ConfigError(
-            "invite needs a relay both machines can reach: add --relay MULTIADDR or `relays` to the config"
-        )
-    _ensure_identity(settings, out)
+    terms = check_invite(settings, args.name, args.grant, args.expires, relay_hint="--relay MULTIADDR or ")
+    name, services, expires = terms.name, terms.services, terms.expires
+    plugins = _ensure_identity(settings, out)
     tty = sys.stdout.isatty()
 
     def show(code: InviteCode) -> None:
@@ -117,7 +113,7 @@ def _invite(args: argparse.Namespace, settings: Settings, out: Out) -> int:
     from peerup.core.invite import invite, pick_relay
 
     async def main() -> int:
-        runtime = Runtime(settings, load_plugins(settings.plugins, settings.disable_plugins))
+        runtime = Runtime(settings, plugins)
         async with runtime.node() as node:
             relay = await pick_relay(settings, node)
             paired = await invite(
@@ -191,14 +187,14 @@ def _join(args: argparse.Namespace, settings: Settings, out: Out) -> int:
     name = check_name(args.name) if args.name else None
     if name and settings.peers.get(name, code.inviter) != code.inviter:
         check_name_free(settings, name)
-    _ensure_identity(settings, out)
+    plugins = _ensure_identity(settings, out)
     if code.relay not in settings.relays:
         settings.relays.append(code.relay)
 
     from peerup.core.invite import join
 
     async def main() -> int:
-        runtime = Runtime(settings, load_plugins(settings.plugins, settings.disable_plugins))
+        runtime = Runtime(settings, plugins)
         async with runtime.node() as node:
             paired, joined = await join(runtime, node, code, name=name)
         out(f"paired with {paired.name} ({paired.peer_id})")

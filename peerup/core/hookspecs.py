@@ -76,11 +76,13 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def configure(settings: Settings) -> None:
     """Check this plugin's settings once, at start-up, before any node runs.
 
-    Called on every active plugin after loading, in pluggy order. Validate your
-    ``[plugin.NAME]`` section here (:func:`peerup.core.settings.plugin_section`)
-    and raise :class:`~peerup.core.errors.ConfigError` on a bad value, so
-    ``peerup run`` stops with one line instead of failing at the first
-    connection. The return value is ignored.
+    Called on every active plugin after loading, in pluggy order, and after
+    peerup validated each declared ``settings_model`` (a
+    :class:`~peerup.core.settings.PluginSettings`; read it with
+    ``settings.plugin_settings(Model)``). Check here what a model cannot (a
+    file that must exist, a combination of values) and raise
+    :class:`~peerup.core.errors.ConfigError`, so ``peerup run`` stops with one
+    line instead of failing at the first connection. The return value is ignored.
     """
 
 

@@ -256,6 +256,31 @@ def check_services(settings: Settings, services: list[str]) -> tuple[str, ...]:
     return tuple(services)
 
 
+@dataclass(frozen=True)
+class InviteTerms:
+    """What an invite grants, checked: the name to give the joiner, services, when the entry expires."""
+
+    name: str | None
+    services: tuple[str, ...]
+    expires: datetime | None
+
+
+def check_invite(
+    settings: Settings, name: str | None, services: list[str], expires: str | None, relay_hint: str = ""
+) -> InviteTerms:
+    """Every check an invite needs before any network contact, for ``peerup invite`` and the daemon alike.
+
+    ``relay_hint`` is how this caller can be given a relay (``--relay MULTIADDR or ``).
+    """
+    checked = check_name(name) if name else None
+    if checked:
+        check_name_free(settings, checked)
+    terms = InviteTerms(checked, check_services(settings, services), parse_expiry(expires))
+    if not settings.relays:
+        raise ConfigError(f"invite needs a relay both machines can reach: add {relay_hint}`relays` to the config")
+    return terms
+
+
 def _in_file(path: Path, service: str) -> bool:
     import tomllib
 

@@ -217,7 +217,7 @@ class Daemon:
         slot and could take the joiner's connection.
         """
         from peerup.core.invite import invite, pick_relay
-        from peerup.core.pairing import check_name, check_name_free, check_services, parse_expiry
+        from peerup.core.pairing import check_invite
 
         unknown = set(request) - {"ttl", "name", "services", "expires"}
         if unknown:
@@ -232,16 +232,11 @@ class Daemon:
             raise ApiError(400, "services: expected a list of service names")
         settings, node, tasks = self.settings, self.node, self._tasks
         assert node is not None and tasks is not None
-        if not settings.relays:
-            raise ApiError(400, "invite needs a relay both machines can reach: add `relays` to the config")
         try:
-            name = check_name(request["name"]) if request.get("name") else None
-            if name:
-                check_name_free(settings, name)
-            services = check_services(settings, raw_services)
-            expires = parse_expiry(request.get("expires"))
+            terms = check_invite(settings, request.get("name"), raw_services, request.get("expires"))
         except PeerupError as exc:
             raise ApiError(400, str(exc)) from None
+        name, services, expires = terms.name, terms.services, terms.expires
         entry = _Invite(self.runtime.registry.new_id("i"))
         self._invites = {key: value for key, value in self._invites.items() if value.state == "waiting"}
         self._invites[entry.id] = entry
