@@ -3,7 +3,7 @@
     python -m benchmarks.ab                 # ~4 min: 3 variants x 2 rounds, 64 MiB bulk
     python -m benchmarks.ab --rounds 3 --mib 128
 
-Each variant starts the whole set of processes (``benchmarks.run``'s set-up) with
+Each variant starts the whole set of processes (``benchmarks.topology.Bench``) with
 ``PEERUP_FASTPATH_SKIP`` naming the patches of ``peerup/plugins/libp2p/patches.py``
 to leave out, then measures the warm first byte (p50 of 15) and one bulk transfer
 on the four libp2p paths. Variants alternate round by round, so a busy neighbour
@@ -28,7 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import run  # noqa: E402
+from benchmarks.bulk import bulk  # noqa: E402
+from benchmarks.latency import first_byte  # noqa: E402
+from benchmarks.runner import MiB, log  # noqa: E402
+from benchmarks.topology import Bench  # noqa: E402
 
 #: label -> PEERUP_FASTPATH_SKIP value.
 VARIANTS = {
@@ -45,21 +48,23 @@ PATHS = ["bare-libp2p-direct", "peerup-direct", "bare-libp2p-relayed", "peerup-r
 def measure(mib: int, warm_samples: int) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
     with tempfile.TemporaryDirectory(prefix="peerup-ab-") as tmp:
-        bench = run.Bench(Path(tmp), True)
+        bench = Bench(Path(tmp), True, paths=PATHS, clients=[])
         try:
             bench.setup()
             for path in PATHS:
                 port = bench.ports[path]
                 row: dict[str, float | None] = {}
                 try:
-                    run.first_byte(port)
-                    samples = [run.first_byte(port) * 1000 for _ in range(warm_samples)]
+                    if port is None:
+                        raise RuntimeError("path not started")
+                    first_byte(port)
+                    samples = [first_byte(port) * 1000 for _ in range(warm_samples)]
                     row["warm_ms"] = round(statistics.median(samples), 2)
-                    run.bulk(port, 1 * run.MiB, 30)
-                    row["mb_per_s"] = run.bulk(port, mib * run.MiB, 120)["mb_per_s"]
+                    bulk(port, 1 * MiB, 30)
+                    row["mb_per_s"] = bulk(port, mib * MiB, 120)["mb_per_s"]
                 except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                     row = {"warm_ms": None, "mb_per_s": None}
-                    run.log(f"    {path}: {type(exc).__name__}: {exc}")
+                    log(f"    {path}: {type(exc).__name__}: {exc}")
                 out[path] = row
         finally:
             bench.stop_all()
@@ -85,7 +90,7 @@ def main() -> int:
                 for key, value in row.items():
                     if value is not None:
                         raw.setdefault(label, {}).setdefault(f"{path} {key}", []).append(value)
-            run.log(f"round {round_no + 1}/{args.rounds} {label}: {got}")
+            log(f"round {round_no + 1}/{args.rounds} {label}: {got}")
     os.environ.pop("PEERUP_FASTPATH_SKIP", None)
     results: dict[str, Any] = {
         "command": "python -m benchmarks.ab " + " ".join(sys.argv[1:]),

@@ -1,7 +1,7 @@
 """The bare-libp2p baseline: the same hosts and path as peerup, none of peerup's layers.
 
-    python -m benchmarks.bare_libp2p serve --home H --target 127.0.0.1:PORT [--relay R]
-    python -m benchmarks.bare_libp2p proxy --home H --peer-addr MADDR [--relay R]
+    python -m benchmarks.bare_libp2p serve --home H --target [NAME=]127.0.0.1:PORT ... [--relay R]
+    python -m benchmarks.bare_libp2p proxy --home H --peer-addr MADDR [--service NAME] [--relay R]
 
 Both ends are hosts from ``peerup.plugins.libp2p.node.open_libp2p_node`` (so the
 same Noise + yamux + circuit relay v2 and the same process-wide workarounds), but
@@ -9,6 +9,8 @@ a raw libp2p stream handler and a plain copy loop replace the runtime: no plugin
 host, no discovery, no status line, no anyio ``ByteStream`` adapter, no
 ``proxy_stream`` hook. The client end listens on a local TCP port like
 ``peerup proxy``; the serving end connects to ``--target`` like ``peerup serve``.
+Several named targets share one serving process (one protocol each), as
+``peerup serve`` serves several services, so the CPU figures compare alike.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from peerup.plugins.libp2p.node import open_libp2p_node
 from peerup.plugins.proxy import CHUNK as PEERUP_CHUNK
 
 PROTOCOL = TProtocol("/peerup-bench/bare/1.0.0")
+
+
+def protocol(service: str) -> TProtocol:
+    """The stream protocol of a named target; ``bench`` (or no name) keeps the original ID."""
+    return PROTOCOL if service == "bench" else TProtocol(f"/peerup-bench/bare-{service}/1.0.0")
+
+
 CHUNK = PEERUP_CHUNK  # the same read size as peerup's proxy_stream
 _EOF = (StreamEOF, MuxedStreamEOF, EOFError)
 _BROKEN = (StreamError, MuxedStreamError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -74,8 +83,15 @@ async def _splice(stream, sock: trio.SocketStream) -> None:  # type: ignore[no-u
                 await stream.reset()
 
 
+def _handler(host_name: str, port: int):  # type: ignore[no-untyped-def]
+    async def handler(stream) -> None:  # type: ignore[no-untyped-def]
+        sock = await trio.open_tcp_stream(host_name, port)
+        await _splice(stream, sock)
+
+    return handler
+
+
 async def serve(args: argparse.Namespace) -> None:
-    host_name, port = args.target.rsplit(":", 1)
     # Relayed rows must stay relayed on 127.0.0.1 (see run.py): no confirmed address, no punching.
     settings = load_settings(
         args.home,
@@ -84,12 +100,10 @@ async def serve(args: argparse.Namespace) -> None:
         nat={"hole_punching": False, "address_discovery": False},
     )
     async with open_libp2p_node(settings, "node") as node:
-
-        async def handler(stream) -> None:  # type: ignore[no-untyped-def]
-            sock = await trio.open_tcp_stream(host_name, int(port))
-            await _splice(stream, sock)
-
-        node.host.set_stream_handler(PROTOCOL, handler)
+        for target in args.target:
+            name, _, address = target.rpartition("=")
+            host_name, port = address.rsplit(":", 1)
+            node.host.set_stream_handler(protocol(name or "bench"), _handler(host_name, int(port)))
         print(f"peer {node.peer_id}", flush=True)
         for addr in node.listen_addrs():
             print(f"  reachable at {addr}", flush=True)
@@ -117,7 +131,7 @@ async def proxy(args: argparse.Namespace) -> None:
         async def on_client(sock: trio.SocketStream) -> None:
             try:
                 await ensure_connected()
-                stream = await node.host.new_stream(peer, [PROTOCOL])
+                stream = await node.host.new_stream(peer, [protocol(args.service)])
             except Exception as exc:  # noqa: BLE001
                 print(f"error: {exc}", flush=True)
                 await sock.aclose()
@@ -135,7 +149,8 @@ def main() -> None:
     parser.add_argument("role", choices=["serve", "proxy"])
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--relay", action="append")
-    parser.add_argument("--target", help="serve: HOST:PORT of the TCP service")
+    parser.add_argument("--target", action="append", default=[], help="serve: [NAME=]HOST:PORT (repeatable)")
+    parser.add_argument("--service", default="bench", help="proxy: which named target (default bench)")
     parser.add_argument("--peer-addr", help="proxy: the serving end's full multiaddr (direct or circuit)")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pairs = PAIRS
     if args.pairs:
-        pairs = [tuple(p.split("/")) for p in args.pairs.split(",")]  # type: ignore[misc]
+        pairs = [tuple(p.split("/")) for p in args.pairs.split(",")]  # type: ignore[misc, unused-ignore]
     rows = []
     for server, client in pairs:
         print(f"{server} server, {client} client: {args.tries} tries", flush=True)

@@ -42,7 +42,7 @@ def main() -> int:
         host.register("static-peer", plugin, origin="benchmarks.static_peer")
         return host
 
-    cli._plugins = plugins  # type: ignore[assignment]
+    cli._plugins = plugins  # type: ignore[assignment, unused-ignore]
     return cli.main(sys.argv[3:])
 
 

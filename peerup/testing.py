@@ -170,13 +170,20 @@ async def run_relay(
     tmp_path: Path,
     listen: str,
     stop: anyio.Event,
+    stopped: anyio.Event | None = None,
     *,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A relay in a task until ``stop`` is set (a relay that can be "killed" and started again)."""
+    """A relay in a task until ``stop`` is set (a relay that can be "killed" and started again).
+
+    ``stopped`` is set once the relay has closed its connections and listener:
+    setting ``stop`` only asks it to go, and traffic can still pass meanwhile.
+    """
     async with relay(tmp_path, listen) as addr:
         task_status.started(addr)
         await stop.wait()
+    if stopped is not None:
+        stopped.set()
 
 
 @asynccontextmanager

@@ -57,8 +57,8 @@ async def test_relay_restart_relayed_tunnel_recovers_and_direct_tunnel_keeps_wor
     caplog.set_level(logging.WARNING, logger="peerup.retry")
     listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
     async with tcp_service(echo_handler) as addr, anyio.create_task_group() as relays:
-        first = anyio.Event()
-        relay_addr = await relays.start(run_relay, tmp_path, listen, first)
+        first, first_gone = anyio.Event(), anyio.Event()
+        relay_addr = await relays.start(run_relay, tmp_path, listen, first, first_gone)
         direct_settings = make_settings(
             tmp_path / "direct", services={"svc": ServiceSettings(name="svc", address=addr)}, auth={"allow_all": True}
         )  # no relay: reachable only directly
@@ -89,6 +89,7 @@ async def test_relay_restart_relayed_tunnel_recovers_and_direct_tunnel_keeps_wor
 
                 first.set()  # the relay dies, with a relayed tunnel open
                 with anyio.fail_after(15):
+                    await first_gone.wait()
                     # The relayed tunnel ends (it cannot survive its path); it does not hang.
                     with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                         await relayed_open.send(b"during")

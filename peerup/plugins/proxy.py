@@ -25,12 +25,18 @@ from peerup.core.streams import abort, was_reset
 
 log = logging.getLogger("peerup.proxy")
 
-#: Bytes per read on either side. 256 KiB lets one read take several 64 KiB
-#: yamux frames at once (fewer awaits per MB); see docs/performance.md.
+#: Most bytes per read on either side. 256 KiB lets one read take several
+#: 64 KiB yamux frames at once (fewer awaits per MB); see docs/performance.md.
 CHUNK = 256 * 1024
+#: First and smallest read size. A read holds its bytes until the other side
+#: took them, so what 1000 tunnels hold at once is 1000 reads; small messages
+#: (RPC, keystrokes) never need more, and a recv() of 256 KiB for 64 bytes
+#: costs a 256 KiB allocation each time. A read that fills the size doubles
+#: it (bulk reaches CHUNK after four reads); one under a quarter halves it.
+FIRST_CHUNK = 16 * 1024
 
 #: How often a tunnel checks whether its TCP peer reset the connection while
-#: nothing is reading from it (see :meth:`Tunnel.watch_reset`).
+#: nothing is reading from it (see :meth:`Tunnel.watch`).
 RESET_CHECK_INTERVAL = 2.0
 
 #: Errors that mean "the other end went away", not a bug.
@@ -47,11 +53,16 @@ class Tunnel:
         self.eof_to_local = False
 
     async def pump(self, source: ByteStream, sink: ByteStream, upward: bool) -> None:
+        size = FIRST_CHUNK
         while True:
             try:
-                data = await source.receive(CHUNK)
+                data = await source.receive(size)
             except anyio.EndOfStream:
                 break
+            if len(data) >= size:
+                size = min(size * 2, CHUNK)
+            elif len(data) < size >> 2:
+                size = max(size >> 1, FIRST_CHUNK)
             await sink.send(data)
             self.last_activity = anyio.current_time()
             if upward:
@@ -63,17 +74,11 @@ class Tunnel:
         if not upward:
             self.eof_to_local = True
 
-    async def watch_idle(self, idle: float, scope: anyio.CancelScope) -> None:
-        while True:
-            remaining = self.last_activity + idle - anyio.current_time()
-            if remaining <= 0:
-                log.info("tunnel idle for %.0f s: closing", idle)
-                scope.cancel()
-                return
-            await anyio.sleep(remaining)
+    async def watch(self, local: ByteStream, idle: float | None, scope: anyio.CancelScope) -> None:
+        """The idle timeout, if any, and a reset of the local TCP peer while the upward copy is stuck.
 
-    async def watch_reset(self, local: ByteStream) -> None:
-        """Notice a local TCP peer that reset while the upward copy is stuck sending.
+        One task for both, since every open tunnel has it (a task and its
+        cancel scopes are most of what an idle tunnel costs in memory).
 
         When the remote side does not take data (a service that never reads),
         the upward copy waits in ``send`` and never reads the local socket
@@ -84,8 +89,17 @@ class Tunnel:
         only before our own FIN went to the local side (after it, CLOSE is the
         normal end of a two-way close).
         """
-        while not self.eof_to_local:
-            await anyio.sleep(RESET_CHECK_INTERVAL)
+        while True:
+            now = anyio.current_time()
+            wake = now + RESET_CHECK_INTERVAL
+            if idle is not None:
+                quiet_until = self.last_activity + idle
+                if quiet_until <= now:
+                    log.info("tunnel idle for %.0f s: closing", idle)
+                    scope.cancel()
+                    return
+                wake = min(wake, quiet_until)
+            await anyio.sleep(wake - now)
             if not self.eof_to_local and was_reset(local):
                 raise anyio.BrokenResourceError("the local connection was reset")
 
@@ -98,21 +112,29 @@ async def proxy_stream(
     idle = settings.idle_timeout(service)
     finished = False
     outcome = "cut"
+    ended = 0
     try:
+        # One task group and two new tasks per tunnel (the upward copy and the
+        # watcher); the downward copy runs in this task. An idle tunnel's
+        # memory is mostly its tasks and cancel scopes (1000 open tunnels).
         async with anyio.create_task_group() as tg:
-            if idle is not None and math.isfinite(idle):
-                tg.start_soon(tunnel.watch_idle, idle, tg.cancel_scope)
-            tg.start_soon(tunnel.watch_reset, local)
 
-            async def both() -> None:
-                nonlocal finished
-                async with anyio.create_task_group() as inner:
-                    inner.start_soon(tunnel.pump, local, remote, True)
-                    inner.start_soon(tunnel.pump, remote, local, False)
-                finished = True
-                tg.cancel_scope.cancel()
+            def one_ended() -> None:
+                nonlocal ended, finished
+                ended += 1
+                if ended == 2:
+                    finished = True
+                    tg.cancel_scope.cancel()  # the watcher
 
-            tg.start_soon(both)
+            async def upward() -> None:
+                await tunnel.pump(local, remote, True)
+                one_ended()
+
+            limit = idle if idle is not None and math.isfinite(idle) else None
+            tg.start_soon(tunnel.watch, local, limit, tg.cancel_scope)
+            tg.start_soon(upward)
+            await tunnel.pump(remote, local, False)
+            one_ended()
     except* BROKEN as group:
         outcome = f"aborted ({group.exceptions[0]})"
     finally:

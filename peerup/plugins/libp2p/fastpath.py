@@ -19,6 +19,8 @@ from typing import Any
 
 import trio
 from libp2p.io.exceptions import IncompleteReadError, IOException
+from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.protocol_muxer import multiselect_client
 from libp2p.protocol_muxer.exceptions import (
     MultiselectClientError,
@@ -116,11 +118,13 @@ async def _noise_transport_write_msg(self: Any, msg: bytes, prefix_encoded: bool
 async def _yamux_stream_write(self: Any, data: bytes) -> None:
     if self.send_closed:
         raise MuxedStreamError("Stream is closed for sending")
+    if not isinstance(data, bytes):  # frames may be sent after a cancelled write returned: no mutable views
+        data = bytes(data)
     view = memoryview(data)
     total = len(data)
     sent = 0
     while sent < total:
-        batch: bytes | None = None
+        batch: list[bytes | memoryview] | None = None
         async with self.rw_lock.write_lock():
             if self.send_closed:
                 raise MuxedStreamError("Stream is closed for sending")
@@ -139,7 +143,7 @@ async def _yamux_stream_write(self: Any, data: bytes) -> None:
                         parts.append(_HEADER.pack(0, yamux.TYPE_DATA, 0, self.stream_id, size))
                         parts.append(view[pos : pos + size])
                         pos += size
-                    batch = b"".join(parts)
+                    batch = parts
         if batch is None:
             self._zero_window_waits += 1
             while True:
@@ -148,7 +152,11 @@ async def _yamux_stream_write(self: Any, data: bytes) -> None:
                         break
                 await trio.sleep(YAMUX_WINDOW_POLL)
             continue
-        await self.conn._write_frame(batch)
+        write_parts = getattr(self.conn, "write_parts", None)  # peerup's Session: no joined copy per frame
+        if write_parts is not None:
+            await write_parts(batch)
+        else:
+            await self.conn._write_frame(b"".join(batch))
         sent += take
 
 
@@ -183,7 +191,8 @@ class _ChunkBuffer:
     __slots__ = ("_chunks", "_size")
 
     def __init__(self, data: bytes | bytearray = b"") -> None:
-        self._chunks: deque[bytes] = deque()
+        # An empty buffer holds no deque (about 600 bytes each; an idle tunnel has four).
+        self._chunks: deque[bytes] | tuple[bytes, ...] = ()
         self._size = 0
         if data:
             self.extend(data)
@@ -191,7 +200,10 @@ class _ChunkBuffer:
     def extend(self, data: bytes | bytearray | memoryview) -> None:
         if data:
             chunk = bytes(data)  # no copy for bytes
-            self._chunks.append(chunk)
+            chunks = self._chunks
+            if not isinstance(chunks, deque):
+                chunks = self._chunks = deque()
+            chunks.append(chunk)
             self._size += len(chunk)
 
     def __len__(self) -> int:
@@ -203,7 +215,7 @@ class _ChunkBuffer:
         return b"".join(self._chunks)
 
     def clear(self) -> None:
-        self._chunks.clear()
+        self._chunks = ()
         self._size = 0
 
     def _front(self, key: Any) -> int | None:
@@ -241,8 +253,11 @@ class _ChunkBuffer:
             self.clear()
             self.extend(rest)
             return
+        if not n:
+            return
         self._size -= n
         chunks = self._chunks
+        assert isinstance(chunks, deque)
         while n:
             first = chunks[0]
             if len(first) <= n:
@@ -251,6 +266,8 @@ class _ChunkBuffer:
             else:
                 chunks[0] = first[n:]
                 n = 0
+        if not self._size:
+            self._chunks = ()
 
 
 class _StreamBuffers(dict):  # type: ignore[type-arg]
@@ -355,6 +372,102 @@ async def _yamux_auto_tune_and_send_window_update(self: Any, *, bytes_read: int 
         await self.send_window_update(total, skip_lock=True)
 
 
+# (9) trio.Lock.acquire (trio/_sync.py) ends with cancel_shielded_checkpoint()
+# even when nobody holds the lock: the task goes back to the run queue and
+# waits for a pass of the scheduler (with an epoll_wait of its own) before it
+# continues. py-libp2p takes such a lock around nothing that awaits, several
+# times per message: NetStream._state_lock around a state check on every
+# read and write (network/stream/net_stream.py:149, 203, 263), the yamux
+# stream's window lock (stream_muxer/yamux/yamux.py:185) and ReadWriteLock
+# (rw_lock.py, a Semaphore plus an async context manager) for every write,
+# the connection's streams and write locks for every frame (yamux.py:679,
+# 691), and TrioTCPStream's read and write locks around every recv and send
+# (io/trio.py:27-28). With 20 RPC clients that was ten scheduler round trips
+# per message and hop where one (the socket's own) is needed.
+class QuickLock:
+    """A lock like ``trio.Lock`` whose uncontended acquire does not yield to the scheduler.
+
+    The same hand-over as trio's (a ParkingLot: FIFO, ownership passes to
+    the next waiter on release, a waiter cancelled while parked never gets
+    it). What it gives up: trio's rule that every ``await`` is a scheduling
+    point and a cancellation point, and the owner check on release (only
+    libp2p's own code, which pairs them, takes these locks). Every path it is
+    used on still reaches one at its socket operation, so no task runs on
+    without yielding and a cancelled one stops there.
+    """
+
+    __slots__ = ("_held", "_lot")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self) -> None:
+        if self._held or self._lot:
+            await self._lot.park()  # release() hands the lock over: _held stays True
+        else:
+            self._held = True
+
+    def acquire_nowait(self) -> None:
+        if self._held or self._lot:
+            raise trio.WouldBlock
+        self._held = True
+
+    def release(self) -> None:
+        if not self._held:
+            raise RuntimeError("release of a QuickLock that is not held")
+        if self._lot:
+            self._lot.unpark(count=1)
+        else:
+            self._held = False
+
+    def locked(self) -> bool:
+        return self._held
+
+    async def __aenter__(self) -> None:
+        if self._held or self._lot:
+            await self._lot.park()
+        else:
+            self._held = True
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._lot:
+            self._lot.unpark(count=1)
+        else:
+            self._held = False
+
+
+class QuickWriterLock:
+    """Stands in for a yamux stream's ``ReadWriteLock``, of which libp2p uses only ``write_lock()``."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = QuickLock()
+
+    def write_lock(self) -> QuickLock:
+        return self._lock
+
+
+#: (9) on or off: peerup's yamux Session and Stream (muxer.py) take quick locks while the
+#: registry's "quick-locks" patch sets this; NetStream and TrioTCPStream through the inits below.
+QUICK_LOCKS = False
+
+_upstream_net_stream_init = NetStream.__init__
+_upstream_tcp_stream_init = TrioTCPStream.__init__
+
+
+def _net_stream_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _upstream_net_stream_init(self, *args, **kwargs)
+    self._state_lock = QuickLock()
+
+
+def _tcp_stream_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _upstream_tcp_stream_init(self, *args, **kwargs)
+    self.read_lock = QuickLock()
+    self.write_lock = QuickLock()
+
+
 #: The replacement for each patch name of :mod:`.patches` (which says what each replaces).
 REPLACEMENTS: dict[str, Any] = {
     "noise-read": _noise_transport_read_msg,
@@ -363,14 +476,19 @@ REPLACEMENTS: dict[str, Any] = {
     "yamux-conn": _yamux_init,
     "yamux-credit": _yamux_auto_tune_and_send_window_update,
     "multiselect": _select_one_of,
+    "quick-locks-net-stream": _net_stream_init,
+    "quick-locks-tcp": _tcp_stream_init,
 }
 
 
 __all__ = [
     "CHUNK_BUFFERS",
     "NOISE_RECV_SIZE",
+    "QUICK_LOCKS",
     "REPLACEMENTS",
     "YAMUX_MAX_STREAMS",
     "YAMUX_WINDOW_POLL",
     "YAMUX_WRITE_BATCH",
+    "QuickLock",
+    "QuickWriterLock",
 ]

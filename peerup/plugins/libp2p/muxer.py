@@ -47,6 +47,7 @@ import contextlib
 import logging
 import struct
 import weakref
+from collections import deque
 from dataclasses import dataclass
 
 import trio
@@ -58,6 +59,7 @@ from libp2p.stream_muxer.yamux import yamux as upstream
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from peerup.core.logs import OncePer
+from peerup.plugins.libp2p import fastpath
 
 log = logging.getLogger("peerup.libp2p.muxer")
 
@@ -72,6 +74,8 @@ TYPE_DATA, TYPE_WINDOW_UPDATE, TYPE_PING, TYPE_GO_AWAY = (
 )
 FLAG_SYN, FLAG_ACK, FLAG_FIN, FLAG_RST = upstream.FLAG_SYN, upstream.FLAG_ACK, upstream.FLAG_FIN, upstream.FLAG_RST
 GO_AWAY_PROTOCOL_ERROR = upstream.GO_AWAY_PROTOCOL_ERROR
+#: Most bytes one group-commit write takes from the queue (one Noise write, a few messages).
+COMMIT_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,9 @@ class Stream(YamuxStream):
         self.fin_received = False
         #: Window growth this stream holds from its connection's budget.
         self.growth = 0
+        if fastpath.QUICK_LOCKS:
+            self.window_lock = fastpath.QuickLock()  # type: ignore[assignment]
+            self.rw_lock = fastpath.QuickWriterLock()  # type: ignore[assignment]
 
     @property
     def finished_receiving(self) -> bool:
@@ -256,11 +263,15 @@ class Session(Yamux):
         self._torn_down = False
         self._probes: dict[int, trio.Event] = {}
         self._probe_id = 0
-        #: Frames waiting for the write lock, and the tickets of the last queued and written ones.
-        self._pending: list[bytes] = []
+        #: Frame parts waiting for the write lock (with their caller's ticket), and the tickets
+        #: of the last queued and written callers.
+        self._pending: deque[tuple[int, bytes | memoryview]] = deque()
         self._queued = 0
         self._written = 0
         self._write_broken: BaseException | None = None
+        if fastpath.QUICK_LOCKS:
+            self.streams_lock = fastpath.QuickLock()  # type: ignore[assignment]
+            self._write_lock = fastpath.QuickLock()  # type: ignore[assignment]
         guard.register(self)
 
     # -- budget ---------------------------------------------------------------------
@@ -300,40 +311,62 @@ class Session(Yamux):
     # -- writing --------------------------------------------------------------------
 
     async def _write_frame(self, data: bytes) -> None:
-        """Send ``data`` (whole frames), together with every frame queued behind the lock meanwhile.
+        """Send ``data`` (whole frames); upstream's callers (window updates, SYN, RST, pings) come here."""
+        await self.write_parts((data,))
+
+    async def write_parts(self, parts: tuple[bytes | memoryview, ...] | list[bytes | memoryview]) -> None:
+        """Send the frames in ``parts`` (in order), together with frames queued behind the lock meanwhile.
 
         Group commit, as go-yamux's send loop does: while one task's write is
         on the socket, frames of other streams queue up; the next lock holder
-        sends all of them in one Noise message (or a few, past 64 KiB) and one
-        send, instead of an encryption and a syscall per frame. Under many
-        small concurrent messages (20 RPC clients on one connection) this is
-        most of the CPU per message. Order is kept: frames go out in the order
-        they were queued, and one stream's frames are queued in order by its
-        own write lock. A failed or cancelled write leaves a partial Noise
-        message on the wire, so the connection is broken for every frame
-        queued so far, not only the writer's.
+        sends them in one Noise write and one send, instead of an encryption
+        and a syscall per frame. Under many small concurrent messages (20 RPC
+        clients on one connection) this is most of the CPU per message.
+
+        * Order is kept: frames go out in the order they were queued, and one
+          stream's frames are queued in order by its own write lock.
+        * A batch stops at ``COMMIT_BYTES`` (at a caller's boundary): 1000
+          tunnels that each queue 64 KiB at once must not become one 64 MB
+          join, then a 64 MB ciphertext, on top of the frames themselves.
+        * ``parts`` may be a header and a view of the caller's data, so a
+          frame is not copied into a joined frame before the batch is.
+        * A failed or cancelled write leaves a partial Noise message on the
+          wire, so the connection is broken for every frame queued so far,
+          not only the writer's.
+
         (Upstream, yamux.py:853-873, also formats a debug line per frame.)
         """
         if not self.limits.group_commit:
             async with self._write_lock:
-                await self.secured_conn.write(data)
+                await self.secured_conn.write(bytes(parts[0]) if len(parts) == 1 else b"".join(parts))
             return
-        self._pending.append(data)
         self._queued += 1
         ticket = self._queued
+        pending = self._pending
+        for part in parts:
+            pending.append((ticket, part))
         async with self._write_lock:
-            if self._written >= ticket:
-                return  # an earlier holder sent it
-            if self._write_broken is not None:
-                raise self._broken_error()
-            batch, self._pending = self._pending, []
-            upto = self._queued
-            try:
-                await self.secured_conn.write(batch[0] if len(batch) == 1 else b"".join(batch))
-            except BaseException as exc:
-                self._write_broken = exc
-                raise
-            self._written = upto
+            while self._written < ticket:
+                if self._write_broken is not None:
+                    raise self._broken_error()
+                # A cancelled task leaves here with its frames still queued for the next
+                # holder: past this line nothing yields before the socket, and a write that
+                # trio refuses there would have advanced the Noise nonce for a message
+                # never sent, breaking the connection for every stream on it.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                batch: list[bytes | memoryview] = []
+                size = 0
+                last = self._written
+                while pending and (size < COMMIT_BYTES or pending[0][0] == last):
+                    last, part = pending.popleft()
+                    batch.append(part)
+                    size += len(part)
+                try:
+                    await self.secured_conn.write(bytes(batch[0]) if len(batch) == 1 else b"".join(batch))
+                except BaseException as exc:
+                    self._write_broken = exc
+                    raise
+                self._written = last
 
     def _broken_error(self) -> Exception:
         exc = self._write_broken
@@ -374,7 +407,7 @@ class Session(Yamux):
         """Read frames until the connection ends; a protocol violation ends it with GO_AWAY."""
         try:
             while not self.event_shutting_down.is_set():
-                header = await read_exactly(self.secured_conn, HEADER_SIZE)
+                header = self._decrypted(HEADER_SIZE) or await read_exactly(self.secured_conn, HEADER_SIZE)
                 version, typ, flags, sid, length = _HEADER.unpack(header)
                 if version != 0:
                     raise _ProtocolError(f"unsupported yamux version {version}")
@@ -412,8 +445,24 @@ class Session(Yamux):
             raise _ProtocolError(
                 f"DATA frame of {length} bytes on stream {sid} exceeds the receive window ({allowed} bytes)"
             )
-        body = await self._read_data_body(length) if length else b""
+        body = (self._decrypted(length) or await self._read_data_body(length)) if length else b""
         await self._on_stream_frame(sid, flags, body, 0)
+
+    def _decrypted(self, size: int) -> bytes:
+        """``size`` bytes the secure session already decrypted, else ``b""`` (then read with an await).
+
+        One Noise message usually carries several frames (group commit, a
+        256 KiB batch); upstream reads each header and body through
+        ``read_exactly`` and each body under a fresh ``fail_after`` scope
+        (yamux.py:1177), a cancel scope per frame for bytes already in memory.
+        """
+        conn = self.secured_conn
+        try:
+            if conn.high_watermark - conn.low_watermark >= size:  # type: ignore[attr-defined]
+                return conn._drain(size)  # type: ignore[attr-defined]
+        except AttributeError:  # not a SecureSession (no buffer of its own): read as upstream does
+            pass
+        return b""
 
     async def _on_stream_frame(self, sid: int, flags: int, body: bytes, increment: int) -> None:
         """A DATA body (``body``) or a WINDOW_UPDATE (``increment``) with its flags, for stream ``sid``."""

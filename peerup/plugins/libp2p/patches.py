@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from libp2p.custom_types import TProtocol
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network import swarm
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.protocol_muxer import multiselect_client
 from libp2p.relay.circuit_v2 import protocol as relay_protocol
 from libp2p.relay.circuit_v2 import transport as relay_transport
@@ -250,8 +252,14 @@ REGISTRY: tuple[Patch, ...] = (
         "log-noise",
         "g",
         "process",
-        ("libp2p/relay/circuit_v2/protocol.py:351", "libp2p/kad_dht/kad_dht.py:661", "libp2p/transport/tcp/tcp.py:483"),
-        "ERROR/WARNING records for normal events (every RESERVE, every DHT stream close, every failed punch dial)",
+        (
+            "libp2p/relay/circuit_v2/protocol.py:351",
+            "libp2p/kad_dht/kad_dht.py:661",
+            "libp2p/transport/tcp/tcp.py:483",
+            "libp2p/network/swarm.py:2710",
+        ),
+        "ERROR/WARNING records for normal events (every RESERVE, every DHT stream close, every failed punch dial, "
+        "a connection that ends while it starts)",
         _T + "test_g_known_noise_is_demoted",
         changes=(LogFilters(workarounds.NOISE),),
     ),
@@ -320,6 +328,24 @@ REGISTRY: tuple[Patch, ...] = (
         ("libp2p/stream_muxer/yamux/yamux.py:850",),
         "one Noise message and one send() per yamux frame, also when frames of many streams wait for the connection",
         _F + "test_frames_queued_behind_a_write_go_out_together",
+    ),
+    Patch(
+        "quick-locks",
+        "9",
+        "process",
+        (
+            "libp2p/network/stream/net_stream.py:149",
+            "libp2p/stream_muxer/yamux/yamux.py:185",
+            "libp2p/stream_muxer/yamux/yamux.py:679",
+            "libp2p/io/trio.py:27",
+        ),
+        "an uncontended trio.Lock still yields to the scheduler; libp2p takes about ten per message and hop",
+        _F + "test_a_message_costs_few_scheduler_passes",
+        changes=(
+            Swap(fastpath, "QUICK_LOCKS", True),
+            _fast("quick-locks-net-stream", NetStream, "__init__"),
+            _fast("quick-locks-tcp", TrioTCPStream, "__init__"),
+        ),
     ),
     Patch(
         "noise-read",

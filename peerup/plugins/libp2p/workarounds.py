@@ -336,6 +336,10 @@ NOISE = {
     # host/basic_host.py:1048 logs an 8-line ERROR for every refused protocol; the
     # plugin raises it as one line (ProtocolNotSupported / PeerUnreachable) instead.
     "libp2p.host.basic_host": ("Failed to open stream to peer",),
+    # network/swarm.py:2710 logs a WARNING with a traceback when a connection ends
+    # while it starts: a peer that sent garbage right after the handshake, or hung
+    # up. The muxer already logged why, once a minute per peer (muxer.py).
+    "libp2p.network.swarm": ("[ADDCONN_FAIL]",),
 }
 
 
