@@ -23,7 +23,12 @@ def _paths(rows: dict[str, Any]) -> list[str]:
 
 def _cpu(row: dict[str, Any], key: str) -> str:
     cpu = row.get(key) or {}
-    return ", ".join(f"{role} {cell(value)}" for role, value in cpu.items()) or "-"
+    return ", ".join(f"{role} {_short(value)}" for role, value in cpu.items()) or "-"
+
+
+def _short(value: Any) -> str:
+    """Three significant digits: CPU figures come in 10 ms ticks, medians of them print as 1.6004999999999998."""
+    return f"{value:.3g}" if isinstance(value, float) else cell(value)
 
 
 def _figures(row: dict[str, Any] | None, socat: dict[str, Any] | None) -> list[str]:
@@ -117,7 +122,7 @@ def tables(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {path} | {row.get('error', 'unavailable')} | | | |")
             continue
         lines.append(
-            f"| {path} | {num(row['tunnels_per_s'])} | {row['failures']} | "
+            f"| {path} | {num(row['tunnels_per_s'])} | {num(row['failures'])} | "
             f"{ratio(row['tunnels_per_s'], socat_rate)} | {_cpu(row, 'cpu_ms_per_tunnel')} |"
         )
     out.append("\n".join(lines))

@@ -360,3 +360,52 @@ async def test_quick_lock_hands_over_in_order_and_skips_cancelled_waiters() -> N
     lock.release()
     with pytest.raises(RuntimeError):
         lock.release()
+
+
+class _Passes(trio.abc.Instrument):
+    """Counts passes of trio's run loop (one I/O wait each)."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.passes += 1
+
+
+async def test_writers_queued_on_one_connection_are_released_together(tmp_path: Path) -> None:
+    """(8) 100 streams writing at once: the ones whose frames went out in a shared write return together.
+
+    With a lock, the writer hands over to one waiter at a time; each needs a
+    pass of the run loop only to find its frame already sent, so the last
+    of 100 streams waited 100 passes (redis-benchmark -c 100: p99 of 355 ms
+    direct against 54 ms without peerup's session). Every byte still arrives.
+    """
+    streams = 100
+    a_settings, b_settings = await _pair(tmp_path)
+    async with open_libp2p_node(a_settings, "node") as a, open_libp2p_node(b_settings, "node") as b:
+        received: dict[int, bytes] = {}
+        all_in = trio.Event()
+
+        async def handler(stream) -> None:  # type: ignore[no-untyped-def]
+            data = await stream.read(65536)
+            received[data[0]] = data
+            if len(received) == streams:
+                all_in.set()
+            await stream.close()
+
+        a.host.set_stream_handler(PROTOCOL, handler)
+        assert await b._connect_direct(a.host.get_id(), a.direct_addrs()[0]) is None
+        opened = [await b.host.new_stream(a.host.get_id(), [PROTOCOL]) for _ in range(streams)]
+        with trio.fail_after(30):
+            await trio.sleep(0.2)  # the SYNs and their ACKs are done
+            passes = _Passes()
+            trio.lowlevel.add_instrument(passes)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for index, stream in enumerate(opened):
+                        nursery.start_soon(stream.write, bytes([index]) * 64)
+            finally:
+                trio.lowlevel.remove_instrument(passes)
+            await all_in.wait()
+    assert received == {i: bytes([i]) * 64 for i in range(streams)}
+    assert passes.passes <= streams // 4, f"{passes.passes} run-loop passes for {streams} queued writes"

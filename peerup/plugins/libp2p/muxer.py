@@ -269,6 +269,9 @@ class Session(Yamux):
         self._queued = 0
         self._written = 0
         self._write_broken: BaseException | None = None
+        #: A task is sending queued parts; the others wait for ``_flushed``, set after each round.
+        self._writing = False
+        self._flushed = trio.Event()
         if fastpath.QUICK_LOCKS:
             self.streams_lock = fastpath.QuickLock()  # type: ignore[assignment]
             self._write_lock = fastpath.QuickLock()  # type: ignore[assignment]
@@ -315,10 +318,10 @@ class Session(Yamux):
         await self.write_parts((data,))
 
     async def write_parts(self, parts: tuple[bytes | memoryview, ...] | list[bytes | memoryview]) -> None:
-        """Send the frames in ``parts`` (in order), together with frames queued behind the lock meanwhile.
+        """Send the frames in ``parts`` (in order), together with frames other streams queue meanwhile.
 
         Group commit, as go-yamux's send loop does: while one task's write is
-        on the socket, frames of other streams queue up; the next lock holder
+        on the socket, frames of other streams queue up; the next writer
         sends them in one Noise write and one send, instead of an encryption
         and a syscall per frame. Under many small concurrent messages (20 RPC
         clients on one connection) this is most of the CPU per message.
@@ -330,6 +333,8 @@ class Session(Yamux):
           join, then a 64 MB ciphertext, on top of the frames themselves.
         * ``parts`` may be a header and a view of the caller's data, so a
           frame is not copied into a joined frame before the batch is.
+        * One task writes at a time; the others wait on one event, set after
+          each round, so all whose frames went out return in the same pass.
         * A failed or cancelled write leaves a partial Noise message on the
           wire, so the connection is broken for every frame queued so far,
           not only the writer's.
@@ -345,28 +350,45 @@ class Session(Yamux):
         pending = self._pending
         for part in parts:
             pending.append((ticket, part))
-        async with self._write_lock:
-            while self._written < ticket:
-                if self._write_broken is not None:
-                    raise self._broken_error()
-                # A cancelled task leaves here with its frames still queued for the next
-                # holder: past this line nothing yields before the socket, and a write that
-                # trio refuses there would have advanced the Noise nonce for a message
-                # never sent, breaking the connection for every stream on it.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                batch: list[bytes | memoryview] = []
-                size = 0
-                last = self._written
-                while pending and (size < COMMIT_BYTES or pending[0][0] == last):
-                    last, part = pending.popleft()
-                    batch.append(part)
-                    size += len(part)
-                try:
-                    await self.secured_conn.write(bytes(batch[0]) if len(batch) == 1 else b"".join(batch))
-                except BaseException as exc:
-                    self._write_broken = exc
-                    raise
-                self._written = last
+        while self._written < ticket:
+            if self._write_broken is not None:
+                raise self._broken_error()
+            if self._writing:
+                # Woken together when the writer is done, not one by one: a lock would
+                # hand over to each waiter in turn, one scheduler pass each, only for most
+                # of them to find their frames already sent (100 streams: 100 passes).
+                await self._flushed.wait()
+                continue
+            self._writing = True
+            try:
+                await self._flush_until(ticket)
+            finally:
+                self._writing = False
+                flushed, self._flushed = self._flushed, trio.Event()
+                flushed.set()
+
+    async def _flush_until(self, ticket: int) -> None:
+        """Send queued parts from the front, at most COMMIT_BYTES per write, until ``ticket``'s are out."""
+        pending = self._pending
+        while self._written < ticket:
+            # A cancelled task leaves here with its frames still queued for the next
+            # writer: past this line nothing yields before the socket, and a write that
+            # trio refuses there would have advanced the Noise nonce for a message
+            # never sent, breaking the connection for every stream on it.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            batch: list[bytes | memoryview] = []
+            size = 0
+            last = self._written
+            while pending and (size < COMMIT_BYTES or pending[0][0] == last):
+                last, part = pending.popleft()
+                batch.append(part)
+                size += len(part)
+            try:
+                await self.secured_conn.write(bytes(batch[0]) if len(batch) == 1 else b"".join(batch))
+            except BaseException as exc:
+                self._write_broken = exc
+                raise
+            self._written = last
 
     def _broken_error(self) -> Exception:
         exc = self._write_broken
