@@ -325,3 +325,41 @@ def test_a_settings_model_that_is_not_plugin_settings_is_refused_naming_the_plug
 
     with pytest.raises(PluginError, match=r"^plugin careless: settings_model must be a PluginSettings subclass$"):
         PluginHost.from_objects([("careless", Careless())]).check_settings(Settings(home=home))
+
+
+class Dials:
+    """Counts ``dial`` calls that had to connect (the peer was not connected yet)."""
+
+    def __init__(self) -> None:
+        self.cold = 0
+
+    @hookimpl(tryfirst=True)
+    async def dial(self, node: object, peer: PeerRecord, protocol: str, settings: Settings) -> None:
+        if not peer.connected:
+            self.cold += 1
+
+
+async def test_a_crowd_of_first_connections_shares_one_lookup_and_dial(tmp_path: Path) -> None:
+    """200 local connections arrive at once on a proxy not yet connected to its peer: one connects, all get through.
+
+    A browser or a connection pool opens many sockets together. Each running
+    its own lookup and dial used to end with most of 1000 closed by the proxy;
+    the first one connects while the others wait, then they reuse its
+    connection. Every echo is checked.
+    """
+    dials = Dials()
+    crowd = 200
+    async with plugin_lab(
+        tmp_path, client_plugins=[dials], server_settings={"auth": {"allow_all": True, "max_streams_per_peer": 1024}}
+    ) as lab:
+        answers: dict[int, bytes] = {}
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for index in range(crowd):
+
+                    async def one(i: int = index) -> None:
+                        answers[i] = await lab.roundtrip(b"hello %d" % i)
+
+                    tg.start_soon(one)
+    assert answers == {i: b"hello %d" % i for i in range(crowd)}
+    assert dials.cold == 1, f"{dials.cold} dials without a connection for {crowd} simultaneous first connections"

@@ -48,6 +48,7 @@ from peerup.testing import (
     relay_node,
     serving_node,
     socket_ending,
+    stop_process,
 )
 
 pytestmark = pytest.mark.anyio
@@ -279,15 +280,7 @@ def js_relay() -> Iterator[tuple[str, subprocess.Popen[str]]]:
             pytest.fail(f"the js relay did not start: {line!r} {err[-2000:]}")
         yield line.split()[1], proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        stop_process(proc, 5)
 
 
 async def test_js_relay_limit_is_read_and_a_tunnel_beyond_it_is_reset(

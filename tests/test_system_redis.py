@@ -40,6 +40,7 @@ from peerup.testing import (
     kill9,
     peerup_run,
     socket_ending,
+    stop_process,
 )
 
 pytestmark = [pytest.mark.system]
@@ -186,14 +187,7 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     try:
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_process(proc)
 
 
 @dataclass

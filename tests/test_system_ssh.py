@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from peerup.testing import RELAYED_ONLY_TOML, CliTunnel, free_port, init_home, peerup_run
+from peerup.testing import RELAYED_ONLY_TOML, CliTunnel, free_port, init_home, peerup_run, stop_process
 
 pytestmark = [pytest.mark.system]
 
@@ -89,14 +89,7 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         _wait_port(port, proc)
         yield port, user_key
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        stop_process(proc)
 
 
 def _sha256(path: Path) -> str:
