@@ -2,7 +2,7 @@
 
 The full runs (minutes, on a quiet machine) live in benchmarks/ and their
 numbers in docs/performance.md. Here each section runs once at a tiny size
-through the same real processes (relay, serving node, proxy, socat, Redis).
+through the same real processes (relay, serving node, proxy, Redis) on the relayed path.
 The asserts are about what a reader of those tables relies on: every byte
 was checked, no request or tunnel failed, and every figure the tables print
 is there. Nothing is asserted about speed.
