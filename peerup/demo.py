@@ -112,6 +112,12 @@ def run(keep: bool) -> int:
                     " laptop dialed it directly; behind real NATs the first connection goes through the relay"
                     " and hole punching upgrades it: docs/nat.md)"
                 )
+            else:
+                print(
+                    "(the laptop looked the node up before the relay had confirmed the node's direct address,"
+                    " so this first connection went through the relay; by the ping below it is confirmed and"
+                    " the ping goes direct: docs/nat.md)"
+                )
 
             say("peerup ping <peer> -c 3")
             ping = subprocess.run(
