@@ -24,7 +24,9 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from peerup.testing import OutputLines
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -64,8 +66,6 @@ class Proc:
     def __init__(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
-        self.lines: list[str] = []
-        self.errors: list[str] = []
         self.popen = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -77,18 +77,9 @@ class Proc:
             start_new_session=True,  # its own process group: stop() reaches socat's forked children
         )
         _LIVE.add(self)
-        self._readers = [
-            threading.Thread(target=self._collect, args=(stream, sink), daemon=True)
-            for stream, sink in ((self.popen.stdout, self.lines), (self.popen.stderr, self.errors))
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    @staticmethod
-    def _collect(stream: IO[str], sink: list[str]) -> None:
-        with stream:  # closed at EOF, so a finished run leaves no open pipe behind
-            for line in stream:
-                sink.append(line.rstrip("\n"))
+        self.output = OutputLines(self.popen)
+        self.lines = self.output.lines
+        self.errors = self.output.errors
 
     @property
     def pid(self) -> int:
@@ -123,8 +114,7 @@ class Proc:
                 self.popen.wait(10)
         with contextlib.suppress(OSError):  # forked children that outlived their parent
             os.killpg(self.pid, signal.SIGKILL)
-        for reader in self._readers:
-            reader.join(5)
+        self.output.join(5)
 
 
 @atexit.register

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +349,36 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PEERUP_") or k == "PEERUP_PATCHES_OFF"}
 
 
+class OutputLines:
+    """A child process's stdout and stderr lines, collected by two threads as they arrive.
+
+    Each reader closes its pipe at EOF, so a finished process leaves none open.
+    """
+
+    def __init__(self, popen: subprocess.Popen[str]) -> None:
+        import threading
+
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._collect, args=(stream, sink), daemon=True)
+            for stream, sink in ((popen.stdout, self.lines), (popen.stderr, self.errors))
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _collect(stream: Any, sink: list[str]) -> None:
+        with stream:
+            for line in stream:
+                sink.append(line.rstrip("\n"))
+
+    def join(self, timeout: float = 5.0) -> None:
+        """Wait, bounded, for both pipes to reach EOF (after the process is gone)."""
+        for reader in self._readers:
+            reader.join(timeout)
+
+
 class CliProc:
     """A running ``peerup`` command (optionally under a prefix like ``ip netns exec A``).
 
@@ -358,12 +389,7 @@ class CliProc:
     def __init__(
         self, name: str, args: list[str], prefix: Sequence[str] = (), env: Mapping[str, str] | None = None
     ) -> None:
-        import subprocess
-        import threading
-
         self.name = name
-        self.lines: list[str] = []
-        self.errors: list[str] = []
         self.popen = subprocess.Popen(
             [*prefix, *PEERUP_CMD, *args],
             stdout=subprocess.PIPE,
@@ -373,17 +399,9 @@ class CliProc:
             bufsize=1,
             env={**clean_env(), **(env or {})},
         )
-        self._readers = [
-            threading.Thread(target=self._collect, args=(stream, sink), daemon=True)
-            for stream, sink in ((self.popen.stdout, self.lines), (self.popen.stderr, self.errors))
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    @staticmethod
-    def _collect(stream: Any, sink: list[str]) -> None:
-        for line in stream:
-            sink.append(line.rstrip("\n"))
+        self.output = OutputLines(self.popen)
+        self.lines = self.output.lines
+        self.errors = self.output.errors
 
     def wait_for(self, pattern: str, timeout: float = 30.0, stderr: bool = False) -> re.Match[str]:
         import time
@@ -405,7 +423,6 @@ class CliProc:
 
     def stop(self) -> int:
         import contextlib
-        import subprocess
 
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
@@ -414,8 +431,7 @@ class CliProc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
-        for reader in self._readers:
-            reader.join(5)  # the process is gone: its pipes reach EOF
+        self.output.join(5)  # the process is gone: its pipes reach EOF
         for pipe in (self.popen.stdout, self.popen.stderr):
             if pipe is not None:
                 with contextlib.suppress(OSError, ValueError):
@@ -431,8 +447,6 @@ def peerup_run(
     ``env`` adds to (or overrides) a copy of this process's environment without
     ``PEERUP_*``, e.g. ``{"PEERUP_HOME": str(home), "PEERUP_PLUGIN__HELLO__DELAY": "-1"}``.
     """
-    import subprocess
-
     return subprocess.run(
         [*prefix, *PEERUP_CMD, *args],
         capture_output=True,
@@ -468,6 +482,52 @@ class CliTunnel:
 
     def logs(self) -> str:
         return "\n".join(f"-- {p.name} (exit {p.popen.poll()}):\n" + "\n".join(p.errors[-25:]) for p in self.procs)
+
+    def start_stack(self, service: str, target: str, path: str) -> CliStack:
+        """A relay, ``peerup serve --service SERVICE=TARGET`` and ``peerup proxy`` to it, in homes under root.
+
+        The laptop's peer ID is authorized on the serving node. ``path="relayed"``:
+        neither node confirms its address nor punches (on 127.0.0.1 they could),
+        so the connection stays on the relay. ``"direct"``: the defaults; the proxy
+        starts once the serving node advertises its confirmed address, so its
+        first lookup already finds the direct one.
+        """
+        homes = {name: self.root / name for name in ("relay", "home", "laptop")}
+        ids = {name: init_home(home) for name, home in homes.items()}
+        if path == "relayed":
+            for name in ("home", "laptop"):
+                (homes[name] / "config.toml").write_text(RELAYED_ONLY_TOML)
+        added = peerup_run(["--home", str(homes["home"]), "auth", "add", ids["laptop"], "--comment", "laptop"])
+        assert added.returncode == 0, added.stderr
+        relay = self.start(
+            "relay", ["--home", str(homes["relay"]), "relay", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]
+        )
+        relay_addr = relay.wait_for(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\S+)").group(1)
+        server = self.start(
+            "serve",
+            ["--home", str(homes["home"]), "-v", "serve", "--service", f"{service}={target}", "--relay", relay_addr],
+        )
+        server.wait_for(r"reachable at \S+p2p-circuit")
+        if path == "direct":
+            server.wait_for(r"advertising /ip4/127\.0\.0\.1/tcp/", stderr=True)
+        proxy = self.start(
+            "proxy",
+            ["--home", str(homes["laptop"]), "-v", "proxy", ids["home"], service, "0", "--relay", relay_addr],
+        )
+        port = int(proxy.wait_for(r"forwarding 127\.0\.0\.1:(\d+)").group(1))
+        return CliStack(homes, relay_addr, server, proxy, port)
+
+
+@dataclass
+class CliStack:
+    """What :meth:`CliTunnel.start_stack` started."""
+
+    homes: dict[str, Path]
+    relay_addr: str
+    server: CliProc
+    proxy: CliProc
+    #: The proxy's local port: the service as the client sees it.
+    port: int
 
 
 # -- bulk transfers that can end abruptly (tests/test_kill.py) -----------------------------

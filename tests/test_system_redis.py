@@ -31,14 +31,11 @@ from typing import BinaryIO
 import pytest
 
 from peerup.testing import (
-    RELAYED_ONLY_TOML,
     CliProc,
     CliTunnel,
     MiB,
     free_port,
-    init_home,
     kill9,
-    peerup_run,
     socket_ending,
     stop_process,
 )
@@ -207,42 +204,14 @@ class Tunnel:
 
 @contextlib.contextmanager
 def start_tunnel(root: Path, redis_port: int, path: str) -> Iterator[Tunnel]:
-    """relay, ``peerup serve --service redis=127.0.0.1:P`` and ``peerup proxy home redis 0``.
-
-    ``path="relayed"``: neither node confirms its address nor punches (on 127.0.0.1 they
-    could), so the connection stays on the relay. ``"direct"``: the defaults; the proxy
-    starts once the serving node's address is confirmed (tests/test_system_ssh.py).
-    """
-    homes = {name: root / name for name in ("relay", "home", "laptop")}
-    ids = {name: init_home(home) for name, home in homes.items()}
-    if path == "relayed":
-        for name in ("home", "laptop"):
-            (homes[name] / "config.toml").write_text(RELAYED_ONLY_TOML)
-    added = peerup_run(["--home", str(homes["home"]), "auth", "add", ids["laptop"], "--comment", "laptop"])
-    assert added.returncode == 0, added.stderr
+    """relay, ``peerup serve --service redis=127.0.0.1:P`` and ``peerup proxy home redis 0``, on ``path``."""
     procs = CliTunnel(root)
     try:
-        relay = procs.start(
-            "relay", ["--home", str(homes["relay"]), "relay", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]
-        )
-        relay_addr = relay.wait_for(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\S+)").group(1)
-        server = procs.start(
-            "serve",
-            ["--home", str(homes["home"]), "-v", "serve", "--service", f"redis=127.0.0.1:{redis_port}",
-             "--relay", relay_addr],
-        )  # fmt: skip
-        server.wait_for(r"reachable at \S+p2p-circuit")
-        if path == "direct":
-            server.wait_for(r"advertising /ip4/127\.0\.0\.1/tcp/", stderr=True)
-        proxy = procs.start(
-            "proxy",
-            ["--home", str(homes["laptop"]), "-v", "proxy", ids["home"], "redis", "0", "--relay", relay_addr],
-        )
-        port = int(proxy.wait_for(r"forwarding 127\.0\.0\.1:(\d+)").group(1))
-        tunnel = Tunnel(path, procs, server, proxy, port, redis_port)
-        with Resp(port) as conn:
+        stack = procs.start_stack("redis", f"127.0.0.1:{redis_port}", path)
+        tunnel = Tunnel(path, procs, stack.server, stack.proxy, stack.port, redis_port)
+        with Resp(stack.port) as conn:
             assert conn.command("PING") == "PONG", tunnel.logs()
-        proxy.wait_for(rf"connection from .* {path} path", stderr=True)
+        stack.proxy.wait_for(rf"connection from .* {path} path", stderr=True)
         yield tunnel
     finally:
         procs.stop()

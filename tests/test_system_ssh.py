@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from peerup.testing import RELAYED_ONLY_TOML, CliTunnel, free_port, init_home, peerup_run, stop_process
+from peerup.testing import CliTunnel, free_port, stop_process
 
 pytestmark = [pytest.mark.system]
 
@@ -110,43 +110,10 @@ def test_ssh_session_and_50_mib_both_ways_through_a_tunnel(tmp_path: Path, sshd:
     """
     assert SSH and SCP
     ssh_port, user_key = sshd
-    homes = {name: tmp_path / name for name in ("relay", "home", "laptop")}
-    for home in homes.values():
-        init_home(home)
-    if path == "relayed":
-        for name in ("home", "laptop"):
-            (homes[name] / "config.toml").write_text(RELAYED_ONLY_TOML)
-    laptop_id = peerup_run(["--home", str(homes["laptop"]), "whoami"]).stdout.strip()
-    added = peerup_run(["--home", str(homes["home"]), "auth", "add", laptop_id, "--comment", "laptop"])
-    assert added.returncode == 0, added.stderr
-
     cli = CliTunnel(tmp_path)
     try:
-        relay = cli.start(
-            "relay", ["--home", str(homes["relay"]), "relay", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]
-        )
-        relay_addr = relay.wait_for(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\S+)").group(1)
-        server = cli.start(
-            "serve",
-            [
-                "--home",
-                str(homes["home"]),
-                "-v",
-                "serve",
-                "--service",
-                f"ssh=127.0.0.1:{ssh_port}",
-                "--relay",
-                relay_addr,
-            ],
-        )
-        server_id = server.wait_for(r"^peer (\S+)").group(1)
-        server.wait_for(r"reachable at \S+p2p-circuit")
-        if path == "direct":
-            server.wait_for(r"advertising /ip4/127\.0\.0\.1/tcp/", stderr=True)
-        proxy = cli.start(
-            "proxy", ["--home", str(homes["laptop"]), "-v", "proxy", server_id, "ssh", "0", "--relay", relay_addr]
-        )
-        port = int(proxy.wait_for(r"forwarding 127\.0\.0\.1:(\d+)").group(1))
+        stack = cli.start_stack("ssh", f"127.0.0.1:{ssh_port}", path)
+        port = stack.port
 
         options = [
             "-F", "/dev/null", "-i", str(user_key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
@@ -160,7 +127,7 @@ def test_ssh_session_and_50_mib_both_ways_through_a_tunnel(tmp_path: Path, sshd:
         result = subprocess.run([*ssh, "echo hello from; echo $((6 * 7))"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr + cli.logs()
         assert result.stdout.split() == ["hello", "from", "42"]
-        proxy.wait_for(rf"connection from .* {path} path", stderr=True)
+        stack.proxy.wait_for(rf"connection from .* {path} path", stderr=True)
 
         # An interactive session on a pty: a shell reads our typing line by line.
         session = subprocess.run(
