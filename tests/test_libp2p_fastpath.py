@@ -214,6 +214,31 @@ async def test_small_reads_send_no_window_updates(tmp_path: Path) -> None:
         assert updates == []
 
 
+class _Collector:
+    """``streams`` streams from ``b`` to ``a``; ``a`` keeps what each sends (``size`` bytes), by its first byte."""
+
+    def __init__(self, streams: int, size: int) -> None:
+        self.streams, self.size = streams, size
+        self.received: dict[int, bytes] = {}
+        self.all_in = trio.Event()
+
+    async def handler(self, stream) -> None:  # type: ignore[no-untyped-def]
+        data = b""
+        while len(data) < self.size:
+            chunk = await stream.read(65536)
+            assert chunk, "stream ended early"
+            data += chunk
+        self.received[data[0]] = data
+        if len(self.received) == self.streams:
+            self.all_in.set()
+        await stream.close()
+
+    async def open(self, a: Libp2pNode, b: Libp2pNode) -> list:  # type: ignore[type-arg]
+        a.host.set_stream_handler(PROTOCOL, self.handler)
+        assert await b._connect_direct(a.host.get_id(), a.direct_addrs()[0]) is None
+        return [await b.host.new_stream(a.host.get_id(), [PROTOCOL]) for _ in range(self.streams)]
+
+
 async def test_frames_queued_behind_a_write_go_out_together(tmp_path: Path) -> None:
     """(8) 20 streams sending small messages at once: frames that waited for the connection share a send.
 
@@ -224,23 +249,8 @@ async def test_frames_queued_behind_a_write_go_out_together(tmp_path: Path) -> N
     streams, messages = 20, 50
     a_settings, b_settings = await _pair(tmp_path)
     async with open_libp2p_node(a_settings, "node") as a, open_libp2p_node(b_settings, "node") as b:
-        received: dict[int, bytes] = {}
-        all_in = trio.Event()
-
-        async def handler(stream) -> None:  # type: ignore[no-untyped-def]
-            data = b""
-            while len(data) < 64 * messages:
-                chunk = await stream.read(65536)
-                assert chunk, "stream ended early"
-                data += chunk
-            received[data[0]] = data
-            if len(received) == streams:
-                all_in.set()
-            await stream.close()
-
-        a.host.set_stream_handler(PROTOCOL, handler)
-        assert await b._connect_direct(a.host.get_id(), a.direct_addrs()[0]) is None
-        opened = [await b.host.new_stream(a.host.get_id(), [PROTOCOL]) for _ in range(streams)]
+        collector = _Collector(streams, 64 * messages)
+        opened = await collector.open(a, b)
         secured = _yamux_of(b, a).secured_conn
         writes: list[int] = []
         original = secured.write
@@ -260,8 +270,8 @@ async def test_frames_queued_behind_a_write_go_out_together(tmp_path: Path) -> N
                 for index, stream in enumerate(opened):
                     nursery.start_soon(send, index, stream)
             secured.write = original  # type: ignore[method-assign]
-            await all_in.wait()
-    assert received == {i: bytes([i]) * 64 * messages for i in range(streams)}
+            await collector.all_in.wait()
+    assert collector.received == {i: bytes([i]) * 64 * messages for i in range(streams)}
     frames = streams * messages
     assert len(writes) <= frames // 2, f"{len(writes)} secure writes for {frames} frames"
 
@@ -377,25 +387,13 @@ async def test_writers_queued_on_one_connection_are_released_together(tmp_path: 
 
     With a lock, the writer hands over to one waiter at a time; each needs a
     pass of the run loop only to find its frame already sent, so the last
-    of 100 streams waited 100 passes (redis-benchmark -c 100: p99 of 355 ms
-    direct against 54 ms without peerup's session). Every byte still arrives.
+    of 100 streams waited 100 passes. Every byte still arrives.
     """
     streams = 100
     a_settings, b_settings = await _pair(tmp_path)
     async with open_libp2p_node(a_settings, "node") as a, open_libp2p_node(b_settings, "node") as b:
-        received: dict[int, bytes] = {}
-        all_in = trio.Event()
-
-        async def handler(stream) -> None:  # type: ignore[no-untyped-def]
-            data = await stream.read(65536)
-            received[data[0]] = data
-            if len(received) == streams:
-                all_in.set()
-            await stream.close()
-
-        a.host.set_stream_handler(PROTOCOL, handler)
-        assert await b._connect_direct(a.host.get_id(), a.direct_addrs()[0]) is None
-        opened = [await b.host.new_stream(a.host.get_id(), [PROTOCOL]) for _ in range(streams)]
+        collector = _Collector(streams, 64)
+        opened = await collector.open(a, b)
         with trio.fail_after(30):
             await trio.sleep(0.2)  # the SYNs and their ACKs are done
             passes = _Passes()
@@ -406,6 +404,6 @@ async def test_writers_queued_on_one_connection_are_released_together(tmp_path: 
                         nursery.start_soon(stream.write, bytes([index]) * 64)
             finally:
                 trio.lowlevel.remove_instrument(passes)
-            await all_in.wait()
-    assert received == {i: bytes([i]) * 64 for i in range(streams)}
+            await collector.all_in.wait()
+    assert collector.received == {i: bytes([i]) * 64 for i in range(streams)}
     assert passes.passes <= streams // 4, f"{passes.passes} run-loop passes for {streams} queued writes"

@@ -425,6 +425,7 @@ class QuickLock:
         return self._held
 
     async def __aenter__(self) -> None:
+        # acquire() inlined: ``async with`` is the per-message path, and a nested await costs a coroutine.
         if self._held or self._lot:
             await self._lot.park()
         else:
